@@ -1,0 +1,1 @@
+"""Checked-in defaults, shipped inside the package as ``worker.defaults``."""

@@ -1,0 +1,10 @@
+"""report-forwarder: forwards "this solved captcha was wrong" reports to the captcha API.
+
+Producers call :func:`enqueue_report` / :func:`enqueue_reports`; Celery workers
+(``report-forwarder worker``) deliver each report within the account's rate limit,
+retrying what can be retried and dead-lettering what cannot.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

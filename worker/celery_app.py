@@ -1,0 +1,81 @@
+"""The Celery app, built from Settings: JSON only, late acks, no result backend, our logging.
+
+Workers run the threads pool (the work is I/O-bound) on the configured queue. A bootstep
+starts the runtime's sweeper with the worker and stops it with the worker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, bootsteps, signals
+
+from . import store
+from .runtime import Runtime
+from .tasks import register
+
+
+class ForwarderApp(Celery):
+    runtime: Runtime
+
+
+class _RuntimeStep(bootsteps.StartStopStep):
+    """Starts the sweeper when the worker starts; stops it on shutdown."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def start(self, parent: Any) -> None:
+        parent.app.runtime.start()
+
+    def stop(self, parent: Any) -> None:
+        parent.app.runtime.stop()
+
+
+@signals.setup_logging.connect
+def _keep_our_logging(**_kwargs: Any) -> None:
+    """Connected so Celery leaves logging to :mod:`worker.logs` (no hijacked root logger)."""
+
+
+def create_app(runtime: Runtime) -> ForwarderApp:
+    settings = runtime.settings
+    app = ForwarderApp("report_forwarder", set_as_current=False)
+    app.runtime = runtime
+    app.conf.update(
+        broker_url=store.broker_url(runtime.redis_url),
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # keep reconnecting through a Redis restart
+        broker_channel_error_retry=True,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            "unacked_restore_interval": settings.restore_interval_s,
+            "unacked_restore_throttle": 1,
+            "socket_connect_timeout": 5,
+            "socket_timeout": 30,
+            "retry_on_timeout": True,
+            "health_check_interval": 10,
+        },
+        result_backend=None,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+        task_default_queue=settings.queue,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+    )
+    register(app)
+    app.steps["worker"].add(_RuntimeStep)
+    return app
+
+
+def worker_options(queue: str, concurrency: int) -> dict[str, Any]:
+    """Options for ``app.Worker`` and ``start_worker``: the threads pool on our queue
+    (``start_worker`` adds no mingle/gossip itself; ``app.Worker`` callers add them)."""
+    return {"pool": "threads", "concurrency": concurrency, "queues": [queue]}

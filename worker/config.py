@@ -1,0 +1,404 @@
+"""Settings: checked-in TOML defaults < REPORT_FORWARDER_CONFIG file < environment.
+
+``load_settings(environ=os.environ)`` returns a frozen :class:`Settings`. A bad value raises
+:class:`~worker.errors.ConfigError` naming the key, the value and where it came from; the CLI
+turns that into exit status 2. Secrets are never part of ``Settings``: an account names the
+environment variable holding its key, and :func:`client_key` reads it when a worker needs it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .captcha_types import KINDS, CaptchaType, CaptchaTypes
+from .errors import ConfigError, ReportError
+
+DEFAULT_FILES = ("report-forwarder.toml", "providers.toml", "captcha-types.toml")
+ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MIN_BACKOFF_S = 2.0  # CapMonster asks clients to wait at least 2 s between calls
+
+# env var -> (dotted key, kind of value)
+ENV_OVERRIDES: dict[str, str] = {
+    "REDIS_URL": "redis.url",
+    "REPORT_FORWARDER_HOME": "service.home",
+    "REPORT_FORWARDER_LOG_FORMAT": "service.log_format",
+    "REPORT_FORWARDER_REPORT_DEADLINE_S": "delivery.report_deadline_s",
+    "REPORT_FORWARDER_ACCOUNT_PAUSE_S": "delivery.account_pause_s",
+    "REPORT_FORWARDER_RATE_LIMIT": "accounts.default.rate_limit",
+    "REPORT_FORWARDER_API_URL": "api_url_override",
+}
+
+_PERIODS = {
+    "s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0,
+    "m": 60.0, "min": 60.0, "minute": 60.0, "minutes": 60.0,
+    "h": 3600.0, "hour": 3600.0, "hours": 3600.0,
+}  # fmt: skip
+_RATE = re.compile(r"^\s*(\d+)\s*(?:/|per)\s*(\d*)\s*([a-z]+)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most ``amount`` requests in any sliding window of ``period_s`` seconds."""
+
+    amount: int
+    period_s: float
+
+    @classmethod
+    def parse(cls, text: str) -> RateLimit:
+        match = _RATE.match(text) if isinstance(text, str) else None
+        unit = _PERIODS.get(match.group(3).lower()) if match else None
+        if match is None or unit is None or int(match.group(1)) < 1:
+            raise ValueError(
+                f"{text!r} is not a rate limit; expected e.g. '50/second', '600/minute', '5/10s'"
+            )
+        multiple = int(match.group(2) or 1)
+        return cls(amount=int(match.group(1)), period_s=unit * max(multiple, 1))
+
+    def __str__(self) -> str:
+        if self.period_s == 1:
+            return f"{self.amount}/second"
+        if self.period_s == 60:
+            return f"{self.amount}/minute"
+        return f"{self.amount}/{self.period_s:g}s"
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    """A provider profile: base URL and endpoint per family or kind."""
+
+    name: str
+    base_url: str
+    endpoints: Mapping[str, str]
+    deadline_s: float
+    # provider error codes -> our classification ("accepted", "rejected", "account_fault",
+    # "transient"), on top of the built-in table
+    error_codes: Mapping[str, str] = field(default_factory=dict)
+
+    def path_for(self, ctype: CaptchaType) -> str | None:
+        return self.endpoints.get(ctype.family) or self.endpoints.get(ctype.kind)
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """A named account: producers choose it, workers read its key from ``key_env``."""
+
+    name: str
+    provider: Provider
+    key_env: str
+    rate_limit: RateLimit
+    base_url: str
+    deadline_s: float
+
+    def endpoint_for(self, ctype: CaptchaType) -> str:
+        """Full URL for a report of ``ctype``; :class:`ReportError` if the provider has none."""
+        path = self.provider.path_for(ctype)
+        if path is None:
+            supported = ", ".join(sorted(self.provider.endpoints))
+            raise ReportError(
+                f"account {self.name!r} (provider {self.provider.name!r}) cannot report "
+                f"captchaType {ctype.name!r}: {self.provider.name} has no endpoint for "
+                f"{ctype.family!r} reports (it has: {supported})"
+            )
+        return self.base_url.rstrip("/") + path
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective configuration. Never holds a secret."""
+
+    redis_url: str
+    key_prefix: str
+    home: Path
+    queue: str
+    log_format: str
+    log_level: str
+    concurrency: int
+    connect_timeout_s: float
+    read_timeout_s: float
+    report_deadline_s: float
+    max_attempts: int
+    backoff_base_s: float
+    backoff_cap_s: float
+    backoff_jitter: float
+    account_pause_s: float
+    dedup_ttl_s: int
+    lease_s: float
+    max_deliveries: int
+    visibility_timeout_s: int
+    restore_interval_s: int
+    lost_grace_s: float
+    sweep_interval_s: float
+    dead_letter_max_entries: int
+    dead_letter_max_age_s: int
+    accounts: Mapping[str, Account]
+    captcha_types: CaptchaTypes
+    sources: tuple[str, ...] = ()
+
+    @property
+    def embedded_redis(self) -> bool:
+        return not self.redis_url
+
+    def account(self, name: object) -> Account:
+        """The account called ``name``, or :class:`ReportError` listing the known ones."""
+        found = self.accounts.get(name) if isinstance(name, str) else None
+        if found is None:
+            raise ReportError(
+                f"unknown account {name!r}; configured accounts: {', '.join(sorted(self.accounts))}"
+            )
+        return found
+
+
+def client_key(account: Account, environ: Mapping[str, str] | None = None) -> str | None:
+    """The account's API key from the environment, or None when unset or empty."""
+    env = os.environ if environ is None else environ
+    return env.get(account.key_env) or None
+
+
+def default_home(environ: Mapping[str, str]) -> Path:
+    base = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "report-forwarder"
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Build :class:`Settings` from the defaults, an optional file and ``environ``."""
+    env = dict(os.environ if environ is None else environ)
+    raw: dict[str, Any] = {}
+    sources = []
+    for name in DEFAULT_FILES:
+        text = resources.files("worker.defaults").joinpath(name).read_text("utf-8")
+        _merge(raw, _parse_toml(text, f"(built-in) {name}"))
+    sources.append("built-in defaults")
+    file = path or env.get("REPORT_FORWARDER_CONFIG")
+    if file:
+        try:
+            text = Path(file).read_text("utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"REPORT_FORWARDER_CONFIG = {str(file)!r}: cannot read it ({exc.strerror})"
+            ) from exc
+        _merge(raw, _parse_toml(text, str(file)))
+        sources.append(str(file))
+    origin: dict[str, str] = {}
+    for var, dotted in ENV_OVERRIDES.items():
+        if env.get(var, "") != "":
+            _set_dotted(raw, dotted, env[var])
+            origin[dotted] = var
+    return _build(raw, origin, env, tuple(sources))
+
+
+def _parse_toml(text: str, where: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from exc
+
+
+def _merge(into: dict[str, Any], other: Mapping[str, Any]) -> None:
+    for key, value in other.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = dict(value) if isinstance(value, Mapping) else value
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+
+
+class _Reader:
+    """Reads typed values out of the merged tables, naming key, value and origin on error."""
+
+    def __init__(self, raw: Mapping[str, Any], origin: Mapping[str, str]) -> None:
+        self.raw = raw
+        self.origin = origin
+
+    def get(self, dotted: str, default: Any = None) -> Any:
+        node: Any = self.raw
+        for part in dotted.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    def fail(self, dotted: str, value: Any, expected: str) -> ConfigError:
+        where = f" (from {self.origin[dotted]})" if dotted in self.origin else ""
+        return ConfigError(f"{dotted} = {value!r}{where}: expected {expected}")
+
+    def number(self, dotted: str, *, minimum: float = 0.0, integer: bool = False) -> Any:
+        value = self.get(dotted)
+        try:
+            number = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            number = math.nan
+        ok = math.isfinite(number) and number >= minimum
+        if integer:
+            ok = ok and number.is_integer()
+        if not ok:
+            kind = "an integer" if integer else "a number"
+            raise self.fail(dotted, value, f"{kind} >= {minimum:g}")
+        return int(number) if integer else number
+
+    def string(self, dotted: str, *, choices: tuple[str, ...] | None = None) -> str:
+        value = self.get(dotted, "")
+        if not isinstance(value, str) or (choices is not None and value not in choices):
+            expected = f"one of {', '.join(choices)}" if choices else "a string"
+            raise self.fail(dotted, value, expected)
+        return value
+
+
+def _build(
+    raw: dict[str, Any], origin: Mapping[str, str], env: Mapping[str, str], sources: tuple[str, ...]
+) -> Settings:
+    r = _Reader(raw, origin)
+    types_table = r.get("types", {})
+    families = r.get("families", {})
+    if not isinstance(types_table, Mapping) or not isinstance(families, Mapping):
+        raise ConfigError("[types] and [families] must be tables of name = family / kind")
+    for section, table in (("types", types_table), ("families", families)):
+        for key, value in table.items():
+            if not isinstance(value, str):
+                raise ConfigError(f"{section}.{key} = {value!r}: expected a string")
+    captcha_types = CaptchaTypes(types_table, families)
+
+    report_deadline_s = r.number("delivery.report_deadline_s", minimum=1)
+    api_url_override = r.string("api_url_override")
+    providers = _providers(r)
+    accounts = _accounts(r, providers, report_deadline_s, api_url_override)
+
+    home = r.string("service.home") or str(default_home(env))
+    key_prefix = r.string("redis.key_prefix")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", key_prefix):
+        raise r.fail("redis.key_prefix", key_prefix, "1-32 letters, digits, '_', '.' or '-'")
+    redis_url = r.string("redis.url")
+    if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise r.fail("redis.url", redis_url, "a redis://, rediss:// or unix:// URL")
+    log_level = r.string("service.log_level").upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise r.fail("service.log_level", log_level, "DEBUG, INFO, WARNING or ERROR")
+    settings = Settings(
+        redis_url=redis_url,
+        key_prefix=key_prefix,
+        home=Path(home).expanduser(),
+        queue=r.string("service.queue") or "reports",
+        log_format=r.string("service.log_format", choices=("auto", "json", "console")),
+        log_level=log_level,
+        concurrency=r.number("worker.concurrency", minimum=1, integer=True),
+        connect_timeout_s=r.number("worker.connect_timeout_s", minimum=0.1),
+        read_timeout_s=r.number("worker.read_timeout_s", minimum=0.1),
+        report_deadline_s=report_deadline_s,
+        max_attempts=r.number("delivery.max_attempts", minimum=1, integer=True),
+        backoff_base_s=r.number("delivery.backoff_base_s", minimum=MIN_BACKOFF_S),
+        backoff_cap_s=r.number("delivery.backoff_cap_s", minimum=MIN_BACKOFF_S),
+        backoff_jitter=r.number("delivery.backoff_jitter", minimum=0),
+        account_pause_s=r.number("delivery.account_pause_s", minimum=1),
+        dedup_ttl_s=r.number("delivery.dedup_ttl_s", minimum=60, integer=True),
+        lease_s=r.number("recovery.lease_s", minimum=5),
+        max_deliveries=r.number("recovery.max_deliveries", minimum=1, integer=True),
+        visibility_timeout_s=r.number("recovery.visibility_timeout_s", minimum=10, integer=True),
+        restore_interval_s=r.number("recovery.restore_interval_s", minimum=1, integer=True),
+        lost_grace_s=r.number("recovery.lost_grace_s", minimum=1),
+        sweep_interval_s=r.number("recovery.sweep_interval_s", minimum=0.05),
+        dead_letter_max_entries=r.number("dead_letters.max_entries", minimum=1, integer=True),
+        dead_letter_max_age_s=r.number("dead_letters.max_age_s", minimum=60, integer=True),
+        accounts=accounts,
+        captcha_types=captcha_types,
+        sources=sources,
+    )
+    min_visibility = settings.lease_s + settings.read_timeout_s + settings.connect_timeout_s
+    if settings.visibility_timeout_s <= min_visibility:
+        raise r.fail(
+            "recovery.visibility_timeout_s",
+            settings.visibility_timeout_s,
+            f"more than lease_s + both HTTP timeouts ({min_visibility:g} s)",
+        )
+    return settings
+
+
+def _providers(r: _Reader) -> dict[str, Provider]:
+    table = r.get("providers", {})
+    providers = {}
+    for name, spec in table.items():
+        endpoints = r.get(f"providers.{name}.endpoints", {})
+        if not isinstance(endpoints, Mapping) or not endpoints:
+            raise r.fail(f"providers.{name}.endpoints", endpoints, "a table of family = path")
+        for key, path in endpoints.items():
+            if not isinstance(path, str) or not path.startswith("/"):
+                raise r.fail(f"providers.{name}.endpoints.{key}", path, "a path starting with /")
+        codes = r.get(f"providers.{name}.error_codes", {})
+        allowed = ("accepted", "rejected", "account_fault", "transient")
+        for code, outcome in codes.items():
+            if outcome not in allowed:
+                raise r.fail(f"providers.{name}.error_codes.{code}", outcome, f"one of {allowed}")
+        base_url = r.string(f"providers.{name}.base_url")
+        if not base_url.startswith(("http://", "https://")):
+            raise r.fail(f"providers.{name}.base_url", base_url, "an http(s):// URL")
+        providers[name] = Provider(
+            name=name,
+            base_url=base_url,
+            endpoints=dict(endpoints),
+            deadline_s=r.number(f"providers.{name}.deadline_s", minimum=1),
+            error_codes=dict(codes),
+        )
+        del spec
+    return providers
+
+
+def _accounts(
+    r: _Reader, providers: Mapping[str, Provider], report_deadline_s: float, api_url_override: str
+) -> dict[str, Account]:
+    table = r.get("accounts", {})
+    if not isinstance(table, Mapping) or not table:
+        raise ConfigError("[accounts] is empty: configure at least [accounts.default]")
+    if api_url_override and not api_url_override.startswith(("http://", "https://")):
+        raise r.fail("api_url_override", api_url_override, "an http(s):// URL")
+    accounts = {}
+    for name in table:
+        if not ACCOUNT_NAME.match(name):
+            raise ConfigError(
+                f"accounts.{name}: account names are 1-64 letters, digits, '_', '.' or '-'"
+            )
+        prefix = f"accounts.{name}"
+        provider_name = r.string(f"{prefix}.provider")
+        provider = providers.get(provider_name)
+        if provider is None:
+            raise r.fail(f"{prefix}.provider", provider_name, f"one of {', '.join(providers)}")
+        key_env = r.string(f"{prefix}.key_env")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):
+            raise r.fail(f"{prefix}.key_env", key_env, "the NAME of an environment variable")
+        try:
+            rate_limit = RateLimit.parse(r.get(f"{prefix}.rate_limit", ""))
+        except ValueError as exc:
+            raise r.fail(
+                f"{prefix}.rate_limit", r.get(f"{prefix}.rate_limit"), "e.g. '50/second'"
+            ) from exc
+        deadline = min(report_deadline_s, provider.deadline_s)
+        if r.get(f"{prefix}.deadline_s") is not None:
+            deadline = r.number(f"{prefix}.deadline_s", minimum=1)
+        base_url = api_url_override or r.string(f"{prefix}.api_url") or provider.base_url
+        if not base_url.startswith(("http://", "https://")):
+            raise r.fail(f"{prefix}.api_url", base_url, "an http(s):// URL")
+        accounts[name] = Account(
+            name=name,
+            provider=provider,
+            key_env=key_env,
+            rate_limit=rate_limit,
+            base_url=base_url,
+            deadline_s=deadline,
+        )
+    for kind in KINDS:
+        del kind
+    return accounts

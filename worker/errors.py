@@ -1,0 +1,56 @@
+"""Every exception report-forwarder raises on purpose.
+
+::
+
+    ForwarderError                  base: catch everything we raise on purpose
+    ├── ConfigError                 bad file or environment value -> exit 2, naming key and value
+    ├── ReportError                 invalid taskId / captchaType / account -> refused at enqueue
+    ├── StoreError                  Redis unreachable after retries (nothing was accepted)
+    └── UpstreamError               an answer (or no answer) from the captcha API
+        ├── TransientUpstreamError  retry with backoff
+        └── PermanentUpstreamError  dead-letter now
+            └── AccountFaultError   ...and pause the whole account
+
+Messages never contain an API key.
+"""
+
+from __future__ import annotations
+
+
+class ForwarderError(Exception):
+    """Base class of every error report-forwarder raises on purpose."""
+
+
+class ConfigError(ForwarderError):
+    """A configuration file or environment value is invalid."""
+
+
+class ReportError(ForwarderError, ValueError):
+    """A report was refused at enqueue: bad taskId, unknown captchaType or account."""
+
+
+class StoreError(ForwarderError):
+    """Redis could not be reached (after retries); nothing was accepted."""
+
+
+class UpstreamError(ForwarderError):
+    """The captcha API answered with an error, or could not be reached."""
+
+    def __init__(
+        self, message: str, *, http_status: int | None = None, error_code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+        self.error_code = error_code
+
+
+class TransientUpstreamError(UpstreamError):
+    """Worth retrying later: network error, timeout, 5xx, 429, busy codes."""
+
+
+class PermanentUpstreamError(UpstreamError):
+    """Retrying cannot help this report."""
+
+
+class AccountFaultError(PermanentUpstreamError):
+    """Retrying cannot help any report of this account (bad key, zero balance, banned IP)."""

@@ -1,0 +1,411 @@
+"""The pending-report ledger: every state change of a report is one atomic Lua script.
+
+A report's life (``keys.py`` lists the keys)::
+
+    enqueue ──► queued ──claim──► running ──finish──► accepted            (kept dedup_ttl_s)
+                  ▲                  │  └────finish──► dead letter         (entry deleted)
+                  │                  └─finish(retry)─► waiting ──sweep (due)──┐
+                  └──────────────────────────────────────────────────────────┘
+                  ▲   sweep: lease expired (worker killed) → queued again, or "poison"
+                  └── sweep: message lost in kombu's pop window → queued again
+
+Why a ledger: kombu's Redis transport pops a message before it records it as unacked, so a
+worker killed in between loses it (DESIGN.md §7). The ledger is written in the same script
+that pushes the message and is cleared only at a terminal outcome, so a report can always
+be found and re-queued. A message names its reports and carries an id; a worker may act on
+a report only if the report is ``queued`` *for that message id* — so a redelivered or
+duplicated message never sends a report twice, and an accepted report is never sent again.
+
+Scripts take the key prefix and build key names from it (see ``keys.py``); report keys
+are dynamic, so this layout targets a single Redis server or a replica set, not Cluster.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from .keys import UNACKED, Keys
+
+_COMMON = """
+local p = ARGV[1]
+local function push(refs, now, queue, tpl)
+  local seq = redis.call('INCR', p .. ':seq')
+  local id = p .. '-' .. seq
+  local quoted = {}
+  for i, r in ipairs(refs) do
+    redis.call('HSET', p .. ':r:' .. r, 's', 'q', 'm', id, 'o', seq, 'q', now)
+    quoted[i] = '\\\\"' .. r .. '\\\\"'
+  end
+  local payload = string.gsub(tpl, '@REFS@', table.concat(quoted, ','))
+  payload = string.gsub(payload, '@ID@', id)
+  redis.call('LPUSH', queue, payload)
+  redis.call('ZADD', p .. ':msgs', seq, id)
+  redis.call('HSET', p .. ':msgrefs', id, now .. '|' .. table.concat(refs, ','))
+  return id
+end
+local function count(now, field)
+  local key = p .. ':stats:' .. math.floor(tonumber(now) / 60)
+  redis.call('HINCRBY', key, field, 1)
+  redis.call('EXPIRE', key, 172800)
+end
+local function bury(ref, f, now, reason, attempts, code, http, err, maxlen, minid)
+  -- f = HMGET of t, k, e, v
+  local acct, tid = string.match(ref, '^(.*):(%d+)$')
+  redis.call('XADD', p .. ':dead', 'MAXLEN', '~', maxlen, '*',
+    'task_id', tid, 'account', acct, 'captcha_type', f[1] or '', 'kind', f[2] or '',
+    'reason', reason, 'error_code', code, 'http_status', http, 'attempts', attempts,
+    'deliveries', f[4] or '0', 'enqueued_at', f[3] or '', 'failed_at', now, 'error', err)
+  redis.call('XTRIM', p .. ':dead', 'MINID', '~', minid)
+  redis.call('DEL', p .. ':r:' .. ref)
+  redis.call('ZREM', p .. ':leases', ref)
+  redis.call('ZREM', p .. ':sched', ref)
+  redis.call('DECR', p .. ':npending')
+  count(now, reason .. '|' .. (f[2] or '') .. '|' .. code .. '|' .. acct)
+end
+"""
+
+# ARGV: prefix, queue, now, template, refs per message,
+#       then 6 per report: account, task_id, captcha_type, kind, deadline, dead-letter id or ''
+# Returns one flag per report: 1 queued, 0 duplicate (pending or accepted already).
+_ENQUEUE = (
+    _COMMON
+    + """
+local queue, now, tpl, per = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local flags, batch, added = {}, {}, 0
+for i = 6, #ARGV, 6 do
+  local ref = ARGV[i] .. ':' .. ARGV[i + 1]
+  local key = p .. ':r:' .. ref
+  if redis.call('EXISTS', key) == 1 then
+    flags[#flags + 1] = 0
+  else
+    redis.call('HSET', key, 't', ARGV[i + 2], 'k', ARGV[i + 3], 'e', now, 'd', ARGV[i + 4],
+      'n', 0, 'v', 0)
+    batch[#batch + 1] = ref
+    added = added + 1
+    if #batch >= per then push(batch, now, queue, tpl); batch = {} end
+    flags[#flags + 1] = 1
+  end
+  if ARGV[i + 5] ~= '' then redis.call('XDEL', p .. ':dead', ARGV[i + 5]) end
+end
+if #batch > 0 then push(batch, now, queue, tpl) end
+if added > 0 then redis.call('INCRBY', p .. ':npending', added) end
+return flags
+"""
+)
+
+# ARGV: prefix, ref, message id, now, lease until
+# Returns {0, state} when this message may not act on the report, else
+# {1, type, kind, enqueued_at, deadline, attempts, deliveries, queued_at, paused_until}.
+_CLAIM = """
+local p, ref, id, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local seq = redis.call('ZSCORE', p .. ':msgs', id)
+if seq then
+  -- the message has started: it can no longer be lost between kombu's pop and record
+  redis.call('ZREM', p .. ':msgs', id)
+  redis.call('HDEL', p .. ':msgrefs', id)
+  redis.call('HDEL', p .. ':suspect', id)
+  if tonumber(seq) > tonumber(redis.call('GET', p .. ':seen') or '0') then
+    redis.call('SET', p .. ':seen', seq)
+  end
+end
+local key = p .. ':r:' .. ref
+local f = redis.call('HMGET', key, 's', 'm', 't', 'k', 'e', 'd', 'n', 'v', 'q')
+if f[1] ~= 'q' or f[2] ~= id then return {0, f[1] or ''} end
+redis.call('HSET', key, 's', 'r')
+redis.call('ZADD', p .. ':leases', ARGV[5], ref)
+local acct = string.match(ref, '^(.*):%d+$')
+local paused = redis.call('ZSCORE', p .. ':paused', acct)
+if paused and tonumber(paused) <= now then paused = false end
+return {1, f[3], f[4], f[5], f[6], f[7], f[8], f[9], paused or ''}
+"""
+
+# ARGV: prefix, ref, message id, outcome (accepted|retry|dead), now, attempts, error code,
+#       http status, error text, due (retry) or reason (dead), dedup ttl, dead maxlen,
+#       dead min id, stats field (accepted|retry)
+# Returns 1 when recorded, 0 when another delivery owns the report now (nothing changed).
+_FINISH = (
+    _COMMON
+    + """
+local ref, id, outcome, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local attempts, code, http, err, arg = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local key = p .. ':r:' .. ref
+local f = redis.call('HMGET', key, 's', 'm', 't', 'k', 'e', 'v')
+if outcome == 'accepted' then
+  -- recorded whoever owns the report: the API took it, so nobody may send it again
+  if f[1] == 'a' then return 0 end
+  redis.call('DEL', key)
+  redis.call('HSET', key, 's', 'a', 'm', id)
+  redis.call('EXPIRE', key, ARGV[11])
+  redis.call('ZREM', p .. ':leases', ref)
+  redis.call('ZREM', p .. ':sched', ref)
+  if f[1] then redis.call('DECR', p .. ':npending') end
+  count(now, ARGV[14])
+  return 1
+end
+if f[1] ~= 'r' or f[2] ~= id then return 0 end
+if outcome == 'retry' then
+  redis.call('HSET', key, 's', 'w', 'n', attempts, 'lc', code, 'lh', http, 'le', err)
+  redis.call('ZREM', p .. ':leases', ref)
+  redis.call('ZADD', p .. ':sched', arg, ref)
+  count(now, ARGV[14])
+  return 1
+end
+bury(ref, {f[3], f[4], f[5], f[6]}, now, arg, attempts, code, http, err, ARGV[12], ARGV[13])
+return 1
+"""
+)
+
+# ARGV: prefix, queue, now, template, lease until, max deliveries, lost grace, limit,
+#       dead maxlen, dead min id, unacked key
+# Returns a flat list of events: kind, subject, detail (for logs).
+_SWEEP = (
+    _COMMON
+    + """
+local queue, now, tpl, limit = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[8])
+local events = {}
+local function event(kind, subject, detail)
+  events[#events + 1] = kind; events[#events + 1] = subject; events[#events + 1] = detail
+end
+-- 1. retries that are due
+local function due(key)
+  return redis.call('ZRANGE', key, '-inf', now, 'BYSCORE', 'LIMIT', 0, limit)
+end
+for _, ref in ipairs(due(p .. ':sched')) do
+  redis.call('ZREM', p .. ':sched', ref)
+  if redis.call('HGET', p .. ':r:' .. ref, 's') == 'w' then
+    event('requeued', ref, push({ref}, now, queue, tpl))
+  end
+end
+-- 2. leases that expired: the worker died (or hung) mid-flight
+for _, ref in ipairs(due(p .. ':leases')) do
+  redis.call('ZREM', p .. ':leases', ref)
+  local key = p .. ':r:' .. ref
+  if redis.call('HGET', key, 's') == 'r' then
+    local v = redis.call('HINCRBY', key, 'v', 1)
+    if v >= tonumber(ARGV[6]) then
+      local f = redis.call('HMGET', key, 't', 'k', 'e', 'v', 'n')
+      bury(ref, f, now, 'poison', f[5] or '0', '', '',
+        'its worker was lost ' .. v .. ' times while sending it', ARGV[9], ARGV[10])
+      event('poison', ref, tostring(v))
+    else
+      event('lease_expired', ref, push({ref}, now, queue, tpl))
+    end
+  end
+end
+-- 3. messages older than one a worker has started, not in kombu's unacked hash: popped
+--    and lost in kombu's pop window (or restored by kombu and not yet taken again)
+local seen = redis.call('GET', p .. ':seen') or '0'
+local old = redis.call('ZRANGE', p .. ':msgs', '-inf', '(' .. seen, 'BYSCORE', 'LIMIT', 0, limit)
+for _, id in ipairs(old) do
+  if redis.call('HEXISTS', ARGV[11], id) == 1 then
+    redis.call('HDEL', p .. ':suspect', id)
+  else
+    local since = redis.call('HGET', p .. ':suspect', id)
+    if not since then
+      redis.call('HSET', p .. ':suspect', id, now)
+    elseif tonumber(now) - tonumber(since) >= tonumber(ARGV[7]) then
+      local entry = redis.call('HGET', p .. ':msgrefs', id) or ''
+      local refs = {}
+      for r in string.gmatch(string.match(entry, '|(.*)$') or '', '[^,]+') do
+        local f = redis.call('HMGET', p .. ':r:' .. r, 's', 'm')
+        if f[1] == 'q' and f[2] == id then refs[#refs + 1] = r end
+      end
+      redis.call('ZREM', p .. ':msgs', id)
+      redis.call('HDEL', p .. ':msgrefs', id)
+      redis.call('HDEL', p .. ':suspect', id)
+      for _, r in ipairs(refs) do event('lost', r, push({r}, now, queue, tpl)) end
+    end
+  end
+end
+-- 4. account pauses that ran out
+for _, acct in ipairs(redis.call('ZRANGE', p .. ':paused', '-inf', now, 'BYSCORE')) do
+  redis.call('ZREM', p .. ':paused', acct)
+  event('resumed', acct, '')
+end
+return events
+"""
+)
+
+# ARGV: prefix, account, now, until, reason json, ttl seconds. Returns 1 if newly paused.
+_PAUSE = """
+local p, acct = ARGV[1], ARGV[2]
+local current = redis.call('ZSCORE', p .. ':paused', acct)
+if current and tonumber(current) > tonumber(ARGV[3]) then return 0 end
+redis.call('ZADD', p .. ':paused', ARGV[4], acct)
+redis.call('SET', p .. ':paused:' .. acct, ARGV[5], 'EX', ARGV[6])
+return 1
+"""
+
+# ARGV: prefix, account. Returns 1 if it was paused.
+_RESUME = """
+local p, acct = ARGV[1], ARGV[2]
+redis.call('DEL', p .. ':paused:' .. acct)
+return redis.call('ZREM', p .. ':paused', acct)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What a worker learns when it claims a report for one delivery."""
+
+    captcha_type: str
+    kind: str
+    enqueued_at: float
+    deadline: float
+    attempts: int
+    deliveries: int
+    queued_at: float
+    paused_until: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class SweepEvent:
+    kind: str  # requeued | lease_expired | poison | lost | resumed
+    subject: str  # a ref, or an account for "resumed"
+    detail: str
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _now() -> str:
+    return f"{time.time():.6f}"
+
+
+class Ledger:
+    """Python face of the scripts, bound to one Redis client, prefix and queue."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        queue: str,
+        template: str,
+        *,
+        dedup_ttl_s: int = 3600,
+        dead_max_entries: int = 100_000,
+        dead_max_age_s: int = 7 * 86400,
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.queue = queue
+        self.template = template
+        self.dedup_ttl_s = dedup_ttl_s
+        self.dead_max_entries = dead_max_entries
+        self.dead_max_age_s = dead_max_age_s
+        self._enqueue = client.register_script(_ENQUEUE)
+        self._claim = client.register_script(_CLAIM)
+        self._finish = client.register_script(_FINISH)
+        self._sweep = client.register_script(_SWEEP)
+        self._pause = client.register_script(_PAUSE)
+        self._resume = client.register_script(_RESUME)
+
+    def enqueue_args(self, per_message: int, now: str | None = None) -> list[Any]:
+        return [self.keys.prefix, self.queue, now or _now(), self.template, per_message]
+
+    def enqueue(
+        self, rows: Sequence[Sequence[Any]], *, per_message: int = 1, pipe: Any = None
+    ) -> list[int]:
+        """Queue ``rows`` of (account, task_id, type, kind, deadline, dead-letter id or '')."""
+        args = self.enqueue_args(per_message)
+        for row in rows:
+            args.extend(row)
+        result = self._enqueue(args=args, client=pipe or self.client)
+        return [] if pipe is not None else [int(flag) for flag in result]
+
+    def claim(self, ref: str, message_id: str, lease_s: float) -> Claim | str:
+        """Take ``ref`` for this delivery; a string (its state) means: do not act on it."""
+        now = time.time()
+        reply = self._claim(args=[self.keys.prefix, ref, message_id, now, now + lease_s])
+        if int(reply[0]) == 0:
+            return _text(reply[1]) or "gone"
+        f = [_text(v) for v in reply[1:]]
+        return Claim(
+            captcha_type=f[0],
+            kind=f[1],
+            enqueued_at=float(f[2]),
+            deadline=float(f[3]),
+            attempts=int(f[4] or 0),
+            deliveries=int(f[5] or 0),
+            queued_at=float(f[6] or f[2]),
+            paused_until=float(f[7]) if f[7] else None,
+        )
+
+    def finish(
+        self,
+        ref: str,
+        message_id: str,
+        outcome: str,
+        *,
+        attempts: int,
+        stats_field: str = "",
+        error_code: str = "",
+        http_status: int | None = None,
+        error: str = "",
+        due: float = 0.0,
+        reason: str = "",
+    ) -> bool:
+        """Record an outcome: ``accepted``, ``retry`` (due at ``due``) or ``dead`` (``reason``)."""
+        now = time.time()
+        arg = f"{due:.6f}" if outcome == "retry" else reason
+        reply = self._finish(
+            args=[
+                self.keys.prefix,
+                ref,
+                message_id,
+                outcome,
+                f"{now:.6f}",
+                attempts,
+                error_code,
+                "" if http_status is None else http_status,
+                error[:500],
+                arg,
+                self.dedup_ttl_s,
+                self.dead_max_entries,
+                self._dead_min_id(now),
+                stats_field,
+            ]
+        )
+        return bool(int(reply))
+
+    def sweep(
+        self, *, lease_s: float, max_deliveries: int, lost_grace_s: float, limit: int = 500
+    ) -> list[SweepEvent]:
+        now = time.time()
+        reply = self._sweep(
+            args=[
+                self.keys.prefix,
+                self.queue,
+                f"{now:.6f}",
+                self.template,
+                f"{now + lease_s:.6f}",
+                max_deliveries,
+                lost_grace_s,
+                limit,
+                self.dead_max_entries,
+                self._dead_min_id(now),
+                UNACKED,
+            ]
+        )
+        items = [_text(v) for v in reply]
+        return [SweepEvent(*items[i : i + 3]) for i in range(0, len(items), 3)]
+
+    def pause(self, account: str, seconds: float, reason_json: str) -> bool:
+        """Pause ``account`` for ``seconds``; False if it was already paused (by another worker)."""
+        now = time.time()
+        ttl = max(1, round(seconds))
+        args: list[str | float] = [self.keys.prefix, account, now, now + seconds, reason_json, ttl]
+        return bool(int(self._pause(args=args)))
+
+    def resume(self, account: str) -> bool:
+        """Lift a pause early; False if ``account`` was not paused."""
+        return bool(int(self._resume(args=[self.keys.prefix, account])))
+
+    def _dead_min_id(self, now: float) -> str:
+        return f"{int((now - self.dead_max_age_s) * 1000)}-0"

@@ -1,0 +1,200 @@
+"""Validate, dedup and enqueue reports: one Redis round trip per report, or per chunk in bulk.
+
+Nothing invalid is queued: a bad taskId, an unknown captchaType, an unknown account, or a
+type the account's provider cannot report is refused with a :class:`ReportError` naming
+what was wrong and what is accepted. A report already pending or accepted for the same
+(account, taskId) is a ``duplicate``: not an error, and not queued twice.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import redis
+
+from . import messages, store
+from .config import Settings, load_settings
+from .errors import ReportError, StoreError
+from .keys import Keys
+from .ledger import Ledger
+from .logs import get_logger
+
+log = get_logger("worker.producer")
+
+Result = Literal["queued", "duplicate"]
+MAX_TASK_ID = 2**63 - 1
+CHUNK = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A bulk item that was not queued, with its position (0-based) and the reason."""
+
+    index: int
+    error: str
+
+
+@dataclass(slots=True)
+class BulkResult:
+    queued: int = 0
+    duplicates: int = 0
+    refused: list[Refused] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.refused
+
+
+def parse_task_id(value: object) -> int:
+    """A positive integer taskId from an int or a string of digits; ReportError otherwise."""
+    if isinstance(value, bool):
+        number = None
+    elif isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and value.strip().isdigit() and value.strip().isascii():
+        number = int(value.strip())
+    else:
+        number = None
+    if number is None or not 0 < number <= MAX_TASK_ID:
+        raise ReportError(
+            f"invalid taskId {value!r}: expected a positive integer (1 to {MAX_TASK_ID})"
+        )
+    return number
+
+
+class Producer:
+    """Enqueues reports for one configuration. Thread-safe; reuse one per process."""
+
+    def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
+        self.settings = settings
+        self.client = client or store.connect(store.resolve_url(settings))
+        self.ledger = Ledger(
+            self.client,
+            Keys(settings.key_prefix),
+            settings.queue,
+            messages.template(settings.queue),
+            dedup_ttl_s=settings.dedup_ttl_s,
+            dead_max_entries=settings.dead_letter_max_entries,
+            dead_max_age_s=settings.dead_letter_max_age_s,
+        )
+
+    def row(
+        self, task_id: object, captcha_type: object, account: object = "default", dead_id: str = ""
+    ) -> list[Any]:
+        """Validate one report into the ledger's enqueue row; ReportError if invalid."""
+        number = parse_task_id(task_id)
+        ctype = self.settings.captcha_types.resolve(captcha_type)
+        acct = self.settings.account(account)
+        acct.endpoint_for(ctype)  # refuses a type this provider cannot report
+        deadline = time.time() + acct.deadline_s
+        return [acct.name, number, ctype.name, ctype.kind, f"{deadline:.3f}", dead_id]
+
+    def enqueue(self, task_id: object, captcha_type: object, account: object = "default") -> Result:
+        row = self.row(task_id, captcha_type, account)
+        flags = self._run([row])
+        return self._note(row, flags[0])
+
+    def enqueue_many(
+        self, items: Iterable[Any], *, chunk: int = CHUNK, per_message: int = 1
+    ) -> BulkResult:
+        """Queue many reports: one round trip per ``chunk``. Invalid items are refused
+        (listed in the result with their index and logged), valid ones still queued."""
+        result = BulkResult()
+        rows: list[list[Any]] = []
+        for index, item in enumerate(items):
+            try:
+                rows.append(self.row(*_fields(item)))
+            except ReportError as exc:
+                result.refused.append(Refused(index, str(exc)))
+                log.warning("report.refused", index=index, error=str(exc))
+                continue
+            if len(rows) >= chunk:
+                self._flush(rows, result, per_message)
+                rows = []
+        if rows:
+            self._flush(rows, result, per_message)
+        return result
+
+    def _flush(self, rows: list[list[Any]], result: BulkResult, per_message: int) -> None:
+        flags = self._run(rows, per_message)
+        queued = sum(flags)
+        result.queued += queued
+        result.duplicates += len(flags) - queued
+        if queued != len(flags):
+            for row, flag in zip(rows, flags, strict=True):
+                if not flag:
+                    self._note(row, 0)
+
+    def _run(self, rows: list[list[Any]], per_message: int = 1) -> list[int]:
+        try:
+            return self.ledger.enqueue(rows, per_message=per_message)
+        except redis.RedisError as exc:
+            raise StoreError(f"could not enqueue: Redis is unreachable ({exc})") from exc
+
+    @staticmethod
+    def _note(row: list[Any], flag: int) -> Result:
+        if flag:
+            return "queued"
+        log.info(
+            "report.duplicate", task_id=row[1], captcha_type=row[2], kind=row[3], account=row[0]
+        )
+        return "duplicate"
+
+
+def _fields(item: Any) -> tuple[object, object, object]:
+    """(task_id, captcha_type, account) from a mapping (``taskId``/``captchaType``/``account``,
+    snake_case also accepted) or a 2- or 3-tuple."""
+    if isinstance(item, Mapping):
+        task_id = item.get("taskId", item.get("task_id"))
+        ctype = item.get("captchaType", item.get("captcha_type"))
+        account = item.get("account") or "default"
+        if task_id is None or ctype is None:
+            raise ReportError(
+                f"missing {'taskId' if task_id is None else 'captchaType'}: expected "
+                '{"taskId": <positive int>, "captchaType": <type>, "account": <name, optional>}'
+            )
+        return task_id, ctype, account
+    if isinstance(item, tuple | list) and len(item) in (2, 3):
+        return item[0], item[1], item[2] if len(item) == 3 else "default"
+    raise ReportError(
+        f"cannot read a report from {item!r}: expected a mapping with taskId and captchaType "
+        "or a (task_id, captcha_type[, account]) tuple"
+    )
+
+
+_default: Producer | None = None
+_default_lock = threading.Lock()
+
+
+def default_producer() -> Producer:
+    """The process-wide producer, configured from the environment on first use."""
+    global _default  # noqa: PLW0603 - one lazily built producer per process
+    with _default_lock:
+        if _default is None:
+            _default = Producer(load_settings())
+        return _default
+
+
+def enqueue_report(task_id: int, captcha_type: str, account: str = "default") -> Result:
+    """Queue one report; returns ``"queued"`` or ``"duplicate"``. ReportError if invalid."""
+    return default_producer().enqueue(task_id, captcha_type, account)
+
+
+def enqueue_reports(items: Iterable[Any], *, chunk: int = CHUNK) -> BulkResult:
+    """Queue many reports (mappings or tuples), one Redis round trip per ``chunk``."""
+    return default_producer().enqueue_many(items, chunk=chunk)
+
+
+def iter_chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

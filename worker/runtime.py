@@ -1,0 +1,316 @@
+"""What a worker process does with each report, and the sweeper beside it (no Celery here).
+
+Per report: claim it in the ledger (skip it if this delivery may not act on it) → guard
+(known account and type, account not paused, deadline not passed) → wait for the rate
+limiter → POST → classify → record exactly one outcome (accepted, retry at a time, or dead
+letter with its reason) → one log line. Any exception past the claim leaves the report
+``running`` with a lease; the sweeper re-queues it when the lease runs out, so no exit
+path loses it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import redis
+
+from . import messages, store
+from .config import Account, Settings, client_key
+from .errors import ConfigError, ReportError
+from .keys import Keys, split_ref
+from .ledger import Claim, Ledger, SweepEvent
+from .logs import get_logger, register_secret
+from .ratelimit import Limiter
+from .retries import Policy, Step, next_step
+from .upstream import Outcome, send_report
+
+log = get_logger("worker.runtime")
+
+
+class Runtime:
+    """Everything a worker process needs, built once; thread-safe."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis_url: str,
+        environ: Mapping[str, str] | None = None,
+        *,
+        client: redis.Redis | None = None,
+    ) -> None:
+        self.settings = settings
+        self.redis_url = redis_url
+        self.client = client or store.connect(redis_url)
+        self.keys = Keys(settings.key_prefix)
+        self.client_keys = _load_keys(settings, environ)
+        self.ledger = Ledger(
+            self.client,
+            self.keys,
+            settings.queue,
+            messages.template(settings.queue),
+            dedup_ttl_s=settings.dedup_ttl_s,
+            dead_max_entries=settings.dead_letter_max_entries,
+            dead_max_age_s=settings.dead_letter_max_age_s,
+        )
+        self.policy = Policy(
+            max_attempts=settings.max_attempts,
+            base_s=settings.backoff_base_s,
+            cap_s=settings.backoff_cap_s,
+            jitter=settings.backoff_jitter,
+        )
+        self.limiter = Limiter(self.client, self.keys)
+        self._sweeper: Sweeper | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = Sweeper(self)
+            self._sweeper.start()
+
+    def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.stop()
+            self._sweeper = None
+
+    # -- one report ------------------------------------------------------------------------
+
+    def process(self, ref: str, message_id: str) -> str:
+        """Deliver one report of message ``message_id``; returns what became of it."""
+        account_name, task_id = split_ref(ref)
+        claim = self.ledger.claim(ref, message_id, self.settings.lease_s)
+        if isinstance(claim, str):
+            log.debug("report.skipped", task_id=task_id, account=account_name, state=claim)
+            return "skipped"
+        started = time.time()
+        ctx: dict[str, Any] = {
+            "task_id": task_id,
+            "captcha_type": claim.captcha_type,
+            "kind": claim.kind,
+            "account": account_name,
+            "queue_ms": max(0, round((started - claim.queued_at) * 1000)),
+        }
+        job = _Job(ref, message_id, claim, ctx)
+        account = self.settings.accounts.get(account_name)
+        if account is None:
+            return self._bury(job, "rejected", "UNKNOWN_ACCOUNT", f"no account {account_name!r}")
+        try:
+            ctype = self.settings.captcha_types.resolve(claim.captcha_type)
+            url = account.endpoint_for(ctype)
+        except ReportError as exc:
+            return self._bury(job, "rejected", "UNSUPPORTED_TYPE", str(exc))
+        ctx["endpoint"] = url
+        if claim.paused_until is not None:
+            until = _iso(claim.paused_until)
+            return self._bury(job, "account_paused", "", f"account paused until {until}")
+        if started >= claim.deadline:
+            return self._bury(job, "expired", "", "deadline passed before it could be sent")
+        key = self.client_keys.get(account.name)
+        if key is None:
+            return self._bury(job, "account_fault", "NO_CLIENT_KEY", f"{account.key_env} unset")
+        self.limiter.acquire(account)
+        outcome = send_report(
+            url,
+            key,
+            task_id,
+            connect_timeout_s=self.settings.connect_timeout_s,
+            read_timeout_s=self.settings.read_timeout_s,
+            error_codes=account.provider.error_codes,
+        )
+        attempts = claim.attempts + 1
+        step = next_step(
+            outcome, attempts=attempts, deadline=claim.deadline, now=time.time(), policy=self.policy
+        )
+        ctx.update(
+            attempt=attempts,
+            http_status=outcome.http_status,
+            error_code=outcome.error_code or None,
+            duration_ms=round(outcome.duration_s * 1000, 1),
+        )
+        return self._record(job, account, outcome, step, attempts)
+
+    def _record(
+        self, job: _Job, account: Account, outcome: Outcome, step: Step, attempts: int
+    ) -> str:
+        ctx = job.ctx
+        if step.action == "accepted":
+            field = f"accepted|{ctx['kind']}||{ctx['account']}"
+            self.ledger.finish(
+                job.ref, job.message_id, "accepted", attempts=attempts, stats_field=field
+            )
+            log.info("report.accepted", **ctx)
+            return "accepted"
+        if step.action == "retry":
+            field = f"retrying|{ctx['kind']}|{outcome.error_code}|{ctx['account']}"
+            if self.ledger.finish(
+                job.ref,
+                job.message_id,
+                "retry",
+                attempts=attempts,
+                stats_field=field,
+                error_code=outcome.error_code,
+                http_status=outcome.http_status,
+                error=outcome.detail,
+                due=step.due,
+            ):
+                log.info(
+                    "report.retrying", **ctx, delay_s=round(step.delay_s, 2), error=outcome.detail
+                )
+                return "retrying"
+            return self._superseded(job)
+        if step.pause_account:
+            self._pause(account, outcome)
+        return self._bury(
+            job,
+            step.reason,
+            outcome.error_code,
+            outcome.detail,
+            attempts=attempts,
+            http_status=outcome.http_status,
+        )
+
+    def _bury(
+        self,
+        job: _Job,
+        reason: str,
+        error_code: str,
+        error: str,
+        *,
+        attempts: int | None = None,
+        http_status: int | None = None,
+    ) -> str:
+        if self.ledger.finish(
+            job.ref,
+            job.message_id,
+            "dead",
+            attempts=job.claim.attempts if attempts is None else attempts,
+            error_code=error_code,
+            http_status=http_status,
+            error=error,
+            reason=reason,
+        ):
+            job.ctx.setdefault("error_code", error_code or None)
+            log.warning("report.dead_lettered", **job.ctx, reason=reason, error=error)
+            return reason
+        return self._superseded(job)
+
+    def _superseded(self, job: _Job) -> str:
+        log.debug("report.superseded", task_id=job.ctx["task_id"], account=job.ctx["account"])
+        return "superseded"
+
+    def _pause(self, account: Account, outcome: Outcome) -> None:
+        seconds = self.settings.account_pause_s
+        reason = json.dumps({"error_code": outcome.error_code, "at": time.time()})
+        if self.ledger.pause(account.name, seconds, reason):
+            log.warning(
+                "account.paused",
+                account=account.name,
+                error_code=outcome.error_code,
+                pause_s=seconds,
+                until=_iso(time.time() + seconds),
+            )
+
+    def resume(self, account: str) -> bool:
+        if self.ledger.resume(account):
+            log.info("account.resumed", account=account, by="operator")
+            return True
+        return False
+
+    # -- sweeper ---------------------------------------------------------------------------
+
+    def sweep_once(self) -> list[SweepEvent]:
+        events = self.ledger.sweep(
+            lease_s=self.settings.lease_s,
+            max_deliveries=self.settings.max_deliveries,
+            lost_grace_s=self.settings.lost_grace_s,
+        )
+        for event in events:
+            _log_sweep_event(event)
+        return events
+
+
+class _Job:
+    __slots__ = ("claim", "ctx", "message_id", "ref")
+
+    def __init__(self, ref: str, message_id: str, claim: Claim, ctx: dict[str, Any]) -> None:
+        self.ref = ref
+        self.message_id = message_id
+        self.claim = claim
+        self.ctx = ctx
+
+
+def _log_sweep_event(event: SweepEvent) -> None:
+    if event.kind == "resumed":
+        log.info("account.resumed", account=event.subject, by="timer")
+        return
+    account, task_id = split_ref(event.subject)
+    if event.kind == "poison":
+        deliveries, ctype, kind = ([*event.detail.split("|"), "", ""])[:3]
+        log.warning(
+            "report.dead_lettered",
+            task_id=task_id,
+            account=account,
+            captcha_type=ctype,
+            kind=kind,
+            reason="poison",
+            deliveries=int(deliveries or 0),
+        )
+    elif event.kind == "requeued":
+        log.debug("report.requeued", task_id=task_id, account=account)
+    else:  # lease_expired | lost
+        why = "worker lost mid-flight" if event.kind == "lease_expired" else "message lost"
+        log.warning("report.recovered", task_id=task_id, account=account, why=why)
+
+
+class Sweeper(threading.Thread):
+    """Runs the ledger sweep every ``sweep_interval_s`` in each worker process. The sweep is
+    one atomic script, so any number of sweepers on any number of hosts is safe."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__(name="report-forwarder-sweeper", daemon=True)
+        self.runtime = runtime
+        self._stop_event = threading.Event()
+        self._last_error = 0.0
+
+    def run(self) -> None:
+        interval = self.runtime.settings.sweep_interval_s
+        while not self._stop_event.wait(interval):
+            try:
+                while len(self.runtime.sweep_once()) >= 500 and not self._stop_event.is_set():
+                    pass  # a full batch: more may be due right now
+            except redis.RedisError as exc:
+                now = time.monotonic()
+                if now - self._last_error > 30:
+                    log.warning("sweeper.failed", error=str(exc))
+                    self._last_error = now
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
+
+
+def _load_keys(settings: Settings, environ: Mapping[str, str] | None) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    missing = []
+    for account in settings.accounts.values():
+        key = client_key(account, environ)
+        if key is None:
+            missing.append(f"{account.key_env} (account {account.name!r})")
+        else:
+            keys[account.name] = key
+            register_secret(key)
+    if missing:
+        raise ConfigError(
+            "no API key for: "
+            + ", ".join(missing)
+            + "; export the key in that environment variable (it is never stored in Redis)"
+        )
+    return keys
+
+
+def _iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))

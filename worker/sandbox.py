@@ -1,0 +1,622 @@
+"""A local double of the captcha API's report endpoints, for tests, the demo and benchmarks.
+
+HTTP/1.1 is spoken directly on :class:`asyncio.Protocol` (keep-alive, pipelining, Content-Length
+bodies only) so that the double is never the bottleneck of a benchmark. Answers are scripted with
+:class:`Rule` objects (in process, or over ``/_sandbox/...`` when it runs as a subprocess), and
+every report request is kept in a log of :class:`RecordedRequest`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any, cast
+
+# CapMonster (image, token), the Recaptcha/Hcaptcha aliases (also Anti-Captcha's), 2Captcha v2.
+REPORT_PATHS = frozenset(
+    {
+        "/reportIncorrectImageCaptcha",
+        "/reportIncorrectTokenCaptcha",
+        "/reportIncorrectRecaptcha",
+        "/reportIncorrectHcaptcha",
+        "/reportIncorrect",
+    }
+)
+MAX_BODY = 64 * 1024
+MAX_HEAD = 16 * 1024
+_MAX_DISCARD = 16 * 1024 * 1024  # read and drop a refused body up to this size, then close
+_SUCCESS = b'{"errorId": 0, "status": "success"}'
+_DESCRIPTIONS = {
+    "ERROR_KEY_DOES_NOT_EXIST": "Account authorization key not found in the system",
+    "ERROR_NO_SUCH_CAPCHA_ID": "Captcha with such ID was not found in the system",
+    "ERROR_NO_SUCH_METHOD": "Request to API made with method which does not exist",
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A scripted answer: matches on the non-None criteria, applies to its first ``times`` hits."""
+
+    task_id: int | None = None
+    client_key: str | None = None
+    path: str | None = None
+    error_code: str | None = None
+    http_status: int = 200
+    body: str | None = None
+    retry_after: float | None = None
+    latency_ms: float = 0.0
+    drop: bool = False
+    times: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 100 <= self.http_status <= 599:
+            raise ValueError(f"http_status must be 100..599, got {self.http_status}")
+        if self.latency_ms < 0 or (self.times is not None and self.times < 0):
+            raise ValueError("latency_ms and times must not be negative")
+
+    def matches(self, path: str, client_key: str | None, task_id: int | None) -> bool:
+        return (
+            (self.path is None or self.path == path)
+            and (self.client_key is None or self.client_key == client_key)
+            and (self.task_id is None or self.task_id == task_id)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedRequest:
+    """One logged request. ``outcome``: success, the error code, http_<status> or dropped."""
+
+    at: float
+    monotonic: float
+    path: str
+    task_id: int | None
+    client_key: str | None
+    body: bytes
+    status: int
+    error_code: str | None
+    outcome: str
+
+    @property
+    def success(self) -> bool:
+        return self.outcome == "success"
+
+    def to_json(self) -> dict[str, Any]:
+        """Public form (control API): the key, also inside the body, becomes its sha256's 8 hex."""
+        digest = None
+        body = self.body.decode("utf-8", errors="replace")
+        if self.client_key is not None:  # so the body is a JSON object holding the key
+            digest = hashlib.sha256(self.client_key.encode()).hexdigest()[:8]
+            body = json.dumps({**json.loads(self.body), "clientKey": f"sha256:{digest}"})
+        return {
+            "at": self.at,
+            "monotonic": self.monotonic,
+            "path": self.path,
+            "task_id": self.task_id,
+            "client_key_sha256_8": digest,
+            "body": body,
+            "status": self.status,
+            "error_code": self.error_code,
+            "outcome": self.outcome,
+        }
+
+
+@dataclass
+class _Answer:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    retry_after: float | None = None
+    drop: bool = False
+    error_code: str | None = None
+    outcome: str = "success"
+    delay_s: float = 0.0
+
+
+@dataclass
+class _ScriptedRule:
+    rule: Rule
+    used: int = 0
+
+
+@dataclass
+class _State:
+    rules: list[_ScriptedRule] = field(default_factory=list)
+    latency_ms: float = 0.0
+    log: list[RecordedRequest] = field(default_factory=list)
+
+
+class _BadRequestError(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+def _json_answer(status: int, payload: object) -> _Answer:
+    return _Answer(status, json.dumps(payload).encode(), outcome=f"http_{status}")
+
+
+def _error_answer(status: int, code: str) -> _Answer:
+    description = _DESCRIPTIONS.get(code, "Scripted error from the report-forwarder sandbox")
+    payload = {"errorId": 1, "errorCode": code, "errorDescription": description}
+    return _Answer(status, json.dumps(payload).encode(), error_code=code, outcome=code)
+
+
+def _rule_answer(rule: Rule) -> _Answer:
+    if rule.drop:
+        return _Answer(0, b"", drop=True, outcome="dropped")
+    if rule.error_code is not None:
+        answer = _error_answer(rule.http_status, rule.error_code)
+    elif rule.body is not None:
+        answer = _Answer(rule.http_status, rule.body.encode(), "text/html")
+        answer.outcome = f"http_{rule.http_status}"
+    elif rule.http_status != 200:  # no usable body: the client must go by the status alone
+        answer = _Answer(rule.http_status, b"", "text/plain", outcome=f"http_{rule.http_status}")
+    else:
+        answer = _Answer(200, _SUCCESS)
+    answer.retry_after = rule.retry_after
+    return answer
+
+
+def _parse_report(body: bytes) -> tuple[str | None, int | None]:
+    """The body's clientKey (a string) and taskId (a positive int), None where unusable."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None, None
+    if not isinstance(obj, dict):
+        return None, None
+    key, task_id = obj.get("clientKey"), obj.get("taskId")
+    valid_id = isinstance(task_id, int) and not isinstance(task_id, bool) and task_id > 0
+    return (key if isinstance(key, str) else None), (task_id if valid_id else None)
+
+
+_RULE_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "task_id": (int, type(None)),
+    "client_key": (str, type(None)),
+    "path": (str, type(None)),
+    "error_code": (str, type(None)),
+    "http_status": (int,),
+    "body": (str, type(None)),
+    "retry_after": (int, float, type(None)),
+    "latency_ms": (int, float),
+    "drop": (bool,),
+    "times": (int, type(None)),
+}
+
+
+def rule_from_json(obj: object) -> Rule:
+    """Build a Rule from its JSON form (the control API's body); ValueError names the bad field."""
+    if not isinstance(obj, dict):
+        raise TypeError("a rule must be a JSON object")
+    for name, value in obj.items():
+        allowed = _RULE_FIELD_TYPES.get(name)
+        if allowed is None:
+            raise ValueError(f"unknown rule field {name!r}")
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise ValueError(f"bad value for rule field {name!r}: {value!r}")
+    return Rule(**obj)
+
+
+def _latency_from_json(obj: object) -> float:
+    ms = obj.get("latency_ms") if isinstance(obj, dict) else None
+    if not isinstance(ms, int | float) or isinstance(ms, bool):
+        raise TypeError('expected {"latency_ms": <number>}')
+    return ms
+
+
+def _parse_head(head: bytes) -> tuple[str, str, bool, int]:
+    """Method, path (query dropped), keep-alive, Content-Length from a request head."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise _BadRequestError(400)
+    method, target, version = parts
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise _BadRequestError(400)
+        headers[name.strip().lower()] = value.strip()
+    connection = headers.get("connection", "").lower()
+    keep_alive = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
+    length_text = headers.get("content-length")
+    if "transfer-encoding" in headers or (length_text is None and method == "POST"):
+        raise _BadRequestError(411)
+    if length_text is None:
+        return method, target.partition("?")[0], keep_alive, 0
+    if not (length_text.isascii() and length_text.isdigit()):
+        raise _BadRequestError(400)
+    return method, target.partition("?")[0], keep_alive, int(length_text)
+
+
+def _encode(answer: _Answer, keep_alive: bool) -> bytes:
+    try:
+        reason = HTTPStatus(answer.status).phrase
+    except ValueError:
+        reason = "Unknown"
+    head = (
+        f"HTTP/1.1 {answer.status} {reason}\r\nContent-Type: {answer.content_type}\r\n"
+        f"Content-Length: {len(answer.body)}\r\n"
+    )
+    if answer.retry_after is not None:
+        ra = answer.retry_after
+        head += f"Retry-After: {int(ra) if float(ra).is_integer() else ra}\r\n"
+    if not keep_alive:
+        head += "Connection: close\r\n"
+    return head.encode("latin-1") + b"\r\n" + answer.body
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: parses pipelined requests and answers them in order."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sandbox = sandbox
+        self._buffer = bytearray()
+        self._transport: asyncio.Transport | None = None
+        self._pending: asyncio.Task[None] | None = None  # a delayed answer holds the line
+        self._discard = 0
+        self._closed = False
+        self._received_at = (0.0, 0.0)  # time.time(), time.monotonic() of the last bytes read
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._sandbox.connections_accepted += 1
+        self._sandbox._connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._sandbox._connections.discard(self)
+        if self._pending is not None:
+            self._pending.cancel()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self._discard:
+            self._discard -= min(self._discard, len(data))
+            if not self._discard:
+                self._close()
+            return
+        self._received_at = (time.time(), time.monotonic())
+        self._buffer += data
+        if self._pending is not None and len(self._buffer) > MAX_HEAD + MAX_BODY:
+            cast(asyncio.Transport, self._transport).pause_reading()  # a flood behind a delay
+        self._process()
+
+    def _process(self) -> None:
+        while self._pending is None and not self._closed:
+            end = self._buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self._buffer) > MAX_HEAD:
+                    self._refuse(431, 0)
+                return
+            try:
+                method, path, keep_alive, length = _parse_head(bytes(self._buffer[:end]))
+            except _BadRequestError as exc:
+                self._refuse(exc.status, 0)
+                return
+            start = end + 4
+            if length > MAX_BODY:
+                self._refuse(413, length - (len(self._buffer) - start))
+                return
+            if len(self._buffer) < start + length:
+                return
+            body = bytes(self._buffer[start : start + length])
+            del self._buffer[: start + length]
+            answer = self._sandbox._answer(method, path, body, self._received_at)
+            if answer.delay_s > 0:
+                self._pending = asyncio.get_running_loop().create_task(
+                    self._deliver_later(answer, keep_alive)
+                )
+            else:
+                self._deliver(answer, keep_alive)
+
+    async def _deliver_later(self, answer: _Answer, keep_alive: bool) -> None:
+        await asyncio.sleep(answer.delay_s)
+        self._pending = None
+        if self._transport is not None and not self._closed:
+            self._transport.resume_reading()
+        self._deliver(answer, keep_alive)
+        self._process()
+
+    def _deliver(self, answer: _Answer, keep_alive: bool) -> None:
+        if self._closed or self._transport is None:
+            return
+        if answer.drop:
+            self._close()
+            return
+        self._transport.write(_encode(answer, keep_alive))
+        if not keep_alive:
+            self._close()
+
+    def _refuse(self, status: int, unread_body: int) -> None:
+        """Answer a request we cannot frame or accept, then close (after draining its body)."""
+        if self._transport is None:
+            return
+        self._transport.write(
+            _encode(_json_answer(status, {"error": HTTPStatus(status).phrase}), False)
+        )
+        self._buffer.clear()
+        if 0 < unread_body <= _MAX_DISCARD:
+            self._discard = unread_body  # closing with unread data would reset the answer away
+        else:
+            self._close()
+
+    def _close(self) -> None:
+        self._closed = True
+        if self._transport is not None:
+            self._transport.close()
+
+
+class Sandbox:
+    """The API double; ``start()`` runs it on its own event loop in a daemon thread."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        keys: Iterable[str] | None = None,
+        latency_ms: float = 0.0,
+    ) -> None:
+        self.host = host
+        self._requested_port = port
+        self._keys = frozenset(keys) if keys is not None else None
+        self._lock = threading.Lock()
+        self._logged = threading.Condition(self._lock)
+        self._state = _State(latency_ms=latency_ms)
+        self._initial_latency_ms = latency_ms
+        self._port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.Server | None = None
+        self._connections: set[_Connection] = set()
+        self.connections_accepted = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> Sandbox:
+        if self._thread is not None:
+            raise RuntimeError("sandbox already started")
+        ready = threading.Event()
+        failure: list[BaseException] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._run, args=(ready, failure), name="sandbox", daemon=True
+        )
+        self._thread.start()
+        ready.wait()
+        if failure:
+            self._thread.join()
+            self._thread = None
+            raise failure[0]
+        return self
+
+    def stop(self) -> None:
+        thread, loop = self._thread, self._loop
+        if thread is None or loop is None or not thread.is_alive():
+            return
+        with contextlib.suppress(RuntimeError):  # loop already closed
+            loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+
+    def __enter__(self) -> Sandbox:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("sandbox not started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def _run(self, ready: threading.Event, failure: list[BaseException]) -> None:
+        loop = cast(asyncio.AbstractEventLoop, self._loop)
+        asyncio.set_event_loop(loop)
+        try:
+            try:
+                loop.run_until_complete(self._listen())
+            except BaseException as exc:  # handed to start(), in the caller's thread
+                failure.append(exc)
+                return
+            finally:
+                ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._shutdown())
+        finally:
+            loop.close()
+
+    async def _listen(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Connection(self), self.host, self._requested_port, backlog=1024
+        )
+        self._port = int(self._server.sockets[0].getsockname()[1])
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self._connections):
+            connection.abort()
+        await asyncio.sleep(0)  # let connection_lost run
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def serve_until_signal(self) -> None:
+        """Run in the current event loop until SIGINT/SIGTERM (see :func:`serve`)."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        await self._listen()
+        stopping = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):  # Windows: Ctrl-C still interrupts
+                loop.add_signal_handler(signum, stopping.set)
+        print(f"sandbox listening on {self.url}", file=sys.stderr, flush=True)
+        try:
+            await stopping.wait()
+        finally:
+            await self._shutdown()
+
+    # -- scripting -------------------------------------------------------------------------------
+
+    def add_rule(self, rule: Rule) -> None:
+        with self._lock:
+            self._state.rules.append(_ScriptedRule(rule))
+
+    def clear_rules(self) -> None:
+        with self._lock:
+            self._state.rules.clear()
+
+    def set_latency(self, ms: float) -> None:
+        if ms < 0:
+            raise ValueError(f"latency must not be negative, got {ms}")
+        with self._lock:
+            self._state.latency_ms = ms
+
+    def reset(self) -> None:
+        """Forget rules and the log; latency goes back to the value given at construction."""
+        with self._lock:
+            self._state = _State(latency_ms=self._initial_latency_ms)
+
+    # -- request log -----------------------------------------------------------------------------
+
+    def requests(self) -> list[RecordedRequest]:
+        with self._lock:
+            return list(self._state.log)
+
+    def count(
+        self, path: str | None = None, task_id: int | None = None, success: bool | None = None
+    ) -> int:
+        return sum(
+            1
+            for r in self.requests()
+            if (path is None or r.path == path)
+            and (task_id is None or r.task_id == task_id)
+            and (success is None or r.success == success)
+        )
+
+    def clear(self) -> None:
+        with self._lock:
+            self._state.log.clear()
+
+    def wait_for(self, predicate_or_count: Callable[[], bool] | int, timeout: float) -> bool:
+        """Wait until the predicate holds (or the log has that many requests); False on timeout."""
+        if isinstance(predicate_or_count, int):
+            wanted = predicate_or_count
+            predicate: Callable[[], bool] = lambda: len(self._state.log) >= wanted  # noqa: E731
+        else:
+            predicate = predicate_or_count
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            with self._logged:  # woken by each new request; the slice covers outside state
+                self._logged.wait(min(remaining, 0.05))
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        log = self.requests()
+        return {
+            "total": len(log),
+            "by_path": dict(Counter(r.path for r in log)),
+            "by_outcome": dict(Counter(r.outcome for r in log)),
+        }
+
+    # -- answering (event-loop thread) -----------------------------------------------------------
+
+    def _answer(
+        self, method: str, path: str, body: bytes, received_at: tuple[float, float]
+    ) -> _Answer:
+        if path.startswith("/_sandbox/"):
+            return self._control(method, path, body)
+        at, arrived = received_at
+        key, task_id = _parse_report(body)
+        rule: Rule | None = None
+        with self._lock:
+            latency_ms = self._state.latency_ms
+            if path in REPORT_PATHS and method == "POST":
+                for scripted in self._state.rules:
+                    limit = scripted.rule.times
+                    if (limit is None or scripted.used < limit) and scripted.rule.matches(
+                        path, key, task_id
+                    ):
+                        scripted.used += 1
+                        rule = scripted.rule
+                        break
+        if path not in REPORT_PATHS:
+            answer = _error_answer(404, "ERROR_NO_SUCH_METHOD")
+        elif method != "POST":
+            answer = _error_answer(405, "ERROR_NO_SUCH_METHOD")
+        elif rule is not None:
+            answer = _rule_answer(rule)
+            latency_ms += rule.latency_ms
+        elif not key or (self._keys is not None and key not in self._keys):
+            answer = _error_answer(200, "ERROR_KEY_DOES_NOT_EXIST")
+        elif task_id is None:
+            answer = _error_answer(200, "ERROR_NO_SUCH_CAPCHA_ID")
+        else:
+            answer = _Answer(200, _SUCCESS)
+        answer.delay_s = latency_ms / 1000
+        record = RecordedRequest(
+            at, arrived, path, task_id, key, body, answer.status, answer.error_code, answer.outcome
+        )
+        with self._logged:
+            self._state.log.append(record)
+            self._logged.notify_all()
+        return answer
+
+    def _control(self, method: str, path: str, body: bytes) -> _Answer:
+        ok = _json_answer(200, {"ok": True})
+        try:
+            if (method, path) == ("POST", "/_sandbox/rules"):
+                self.add_rule(rule_from_json(json.loads(body)))
+                return ok
+            if (method, path) == ("DELETE", "/_sandbox/rules"):
+                self.clear_rules()
+                return ok
+            if (method, path) == ("POST", "/_sandbox/latency"):
+                self.set_latency(_latency_from_json(json.loads(body)))
+                return ok
+            if (method, path) == ("POST", "/_sandbox/reset"):
+                self.reset()
+                return ok
+            if (method, path) == ("GET", "/_sandbox/requests"):
+                return _json_answer(200, [r.to_json() for r in self.requests()])
+            if (method, path) == ("GET", "/_sandbox/stats"):
+                return _json_answer(200, self.stats())
+        except (ValueError, TypeError) as exc:
+            return _json_answer(400, {"error": str(exc)})
+        return _json_answer(404, {"error": f"no sandbox control {method} {path}"})
+
+
+def serve(
+    host: str, port: int, *, latency_ms: float = 0.0, keys: Iterable[str] | None = None
+) -> None:
+    """Run a sandbox in the foreground until SIGINT/SIGTERM (``report-forwarder sandbox``)."""
+    sandbox = Sandbox(host, port, keys=keys, latency_ms=latency_ms)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(sandbox.serve_until_signal())

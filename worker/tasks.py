@@ -1,0 +1,31 @@
+"""The Celery task: thin. Everything about a report happens in :mod:`worker.runtime`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, Task
+
+from .messages import TASK_NAME
+
+
+def register(app: Celery) -> Task[Any, Any]:
+    """Register the forwarding task on ``app`` (whose ``runtime`` attribute is set)."""
+
+    @app.task(
+        name=TASK_NAME,
+        bind=True,
+        ignore_result=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        # The ledger, not Celery, retries: a Celery retry would hold an ETA message unacked
+        # in the worker past the visibility timeout (DESIGN.md §7).
+        max_retries=0,
+    )
+    def forward(self: Task[Any, Any], refs: list[str]) -> None:
+        runtime = self.app.runtime  # type: ignore[attr-defined]
+        message_id = self.request.id
+        for ref in refs:
+            runtime.process(ref, message_id)
+
+    return forward

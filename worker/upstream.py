@@ -1,0 +1,169 @@
+"""The only module that talks HTTP: POST one report, turn the answer into an :class:`Outcome`.
+
+Classification (DESIGN.md §1). The JSON body is read first, whatever the HTTP status:
+
+===============  ==========================================================================
+accepted         ``errorId == 0``
+account_fault    ERROR_KEY_DOES_NOT_EXIST, ERROR_ZERO_BALANCE, ERROR_IP_NOT_ALLOWED,
+                 ERROR_IP_BANNED, ERROR_IP_BLOCKED
+transient        ERROR_TOO_MUCH_REQUESTS, ERROR_NO_SLOT_AVAILABLE, CAPTCHA_NOT_READY; network
+                 error, timeout; HTTP 5xx or 429 (whatever code the body names, unless it is
+                 one of the codes above); a body that is not JSON on a non-4xx answer
+rejected         every other ERROR_* code; HTTP 4xx (not 429) with no usable body
+===============  ==========================================================================
+
+A provider profile may map extra codes (``error_codes`` in providers.toml). Error texts
+never include the request body, so the key cannot leak through them.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import requests
+
+Status = Literal["accepted", "rejected", "account_fault", "transient"]
+
+ACCOUNT_FAULT_CODES = frozenset(
+    {
+        "ERROR_KEY_DOES_NOT_EXIST",
+        "ERROR_ZERO_BALANCE",
+        "ERROR_IP_NOT_ALLOWED",
+        "ERROR_IP_BANNED",
+        "ERROR_IP_BLOCKED",
+    }
+)
+TRANSIENT_CODES = frozenset(
+    {"ERROR_TOO_MUCH_REQUESTS", "ERROR_NO_SLOT_AVAILABLE", "CAPTCHA_NOT_READY"}
+)
+MAX_RETRY_AFTER_S = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one POST came to."""
+
+    status: Status
+    http_status: int | None = None
+    error_code: str = ""  # the API's code, or ours: HTTP_503, TIMEOUT, CONNECTION_ERROR, ...
+    detail: str = ""
+    retry_after: float | None = None
+    duration_s: float = 0.0
+
+
+_sessions = threading.local()
+
+
+def session() -> requests.Session:
+    """This thread's keep-alive session (requests.Session is not safe to share)."""
+    current: requests.Session | None = getattr(_sessions, "session", None)
+    if current is None:
+        current = requests.Session()
+        current.headers["User-Agent"] = "report-forwarder"
+        _sessions.session = current
+    return current
+
+
+def send_report(
+    url: str,
+    client_key: str,
+    task_id: int,
+    *,
+    connect_timeout_s: float = 5.0,
+    read_timeout_s: float = 10.0,
+    error_codes: Mapping[str, str] | None = None,
+    http: requests.Session | None = None,
+) -> Outcome:
+    """POST ``{"clientKey": ..., "taskId": ...}`` to ``url`` and classify the answer."""
+    body = json.dumps({"clientKey": client_key, "taskId": task_id}).encode()
+    started = time.perf_counter()
+    try:
+        response = (http or session()).post(
+            url,
+            data=body,
+            headers={"Content-Type": "application/json"},
+            timeout=(connect_timeout_s, read_timeout_s),
+            allow_redirects=False,
+        )
+        content = response.content
+    except requests.Timeout as exc:
+        return Outcome("transient", None, "TIMEOUT", _describe(exc), None, _since(started))
+    except requests.RequestException as exc:
+        return Outcome("transient", None, "CONNECTION_ERROR", _describe(exc), None, _since(started))
+    outcome = classify(response.status_code, content, response.headers, error_codes)
+    return Outcome(
+        outcome.status,
+        outcome.http_status,
+        outcome.error_code,
+        outcome.detail,
+        outcome.retry_after,
+        _since(started),
+    )
+
+
+def classify(
+    http_status: int,
+    content: bytes,
+    headers: Mapping[str, str] | None = None,
+    error_codes: Mapping[str, str] | None = None,
+) -> Outcome:
+    """Classify one HTTP answer (pure: unit-tested without a server)."""
+    retry_after = parse_retry_after((headers or {}).get("Retry-After"))
+    busy = http_status >= 500 or http_status == 429
+    try:
+        body = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        body = None
+    if not isinstance(body, dict) or "errorId" not in body:
+        snippet = content[:120].decode("utf-8", "replace").strip()
+        code = f"HTTP_{http_status}" if http_status >= 400 else "INVALID_JSON"
+        detail = f"HTTP {http_status}, body is not the API's JSON: {snippet!r}"
+        status: Status = "rejected" if 400 <= http_status < 500 and not busy else "transient"
+        return Outcome(status, http_status, code, detail, retry_after)
+    error_id = body.get("errorId")
+    if error_id in (0, "0"):
+        return Outcome("accepted", http_status)
+    code = str(body.get("errorCode") or "")
+    description = str(body.get("errorDescription") or "")[:300]
+    detail = f"{code or 'errorId ' + str(error_id)}: {description}".rstrip(": ")
+    mapped = (error_codes or {}).get(code)
+    if mapped in ("accepted", "rejected", "account_fault", "transient"):
+        return Outcome(mapped, http_status, code, detail, retry_after)  # type: ignore[arg-type]
+    if code in ACCOUNT_FAULT_CODES:
+        return Outcome("account_fault", http_status, code, detail, retry_after)
+    if code in TRANSIENT_CODES or busy:
+        return Outcome("transient", http_status, code or f"HTTP_{http_status}", detail, retry_after)
+    return Outcome("rejected", http_status, code or f"ERROR_ID_{error_id}", detail, retry_after)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP-date), else None."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return min(seconds, MAX_RETRY_AFTER_S)
+
+
+def _since(started: float) -> float:
+    return time.perf_counter() - started
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]
