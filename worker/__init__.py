@@ -8,3 +8,32 @@ retrying what can be retried and dead-lettering what cannot.
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from .errors import (
+    AccountFaultError,
+    ConfigError,
+    ForwarderError,
+    PermanentUpstreamError,
+    ReportError,
+    StoreError,
+    TransientUpstreamError,
+    UpstreamError,
+)
+from .producer import BulkResult, Producer, Refused, enqueue_report, enqueue_reports
+
+__all__ = [
+    "AccountFaultError",
+    "BulkResult",
+    "ConfigError",
+    "ForwarderError",
+    "PermanentUpstreamError",
+    "Producer",
+    "Refused",
+    "ReportError",
+    "StoreError",
+    "TransientUpstreamError",
+    "UpstreamError",
+    "__version__",
+    "enqueue_report",
+    "enqueue_reports",
+]

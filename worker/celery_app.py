@@ -30,6 +30,9 @@ class _RuntimeStep(bootsteps.StartStopStep):
     def stop(self, parent: Any) -> None:
         parent.app.runtime.stop()
 
+    def terminate(self, parent: Any) -> None:  # cold shutdown calls this instead of stop
+        parent.app.runtime.stop()
+
 
 @signals.setup_logging.connect
 def _keep_our_logging(**_kwargs: Any) -> None:

@@ -96,18 +96,28 @@ def ensure_running(home: Path, *, timeout_s: float = 20.0) -> str:
         path.unlink(missing_ok=True)
         command = [
             redis_server_binary(),
-            "--port", "0",
-            "--unixsocket", str(path),
-            "--unixsocketperm", "700",
-            "--dir", str(data),
-            "--appendonly", "yes",
+            "--port",
+            "0",
+            "--unixsocket",
+            str(path),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(data),
+            "--appendonly",
+            "yes",
             # acknowledged = on disk: a crash of the host loses no accepted report
-            "--appendfsync", "always",
-            "--save", "",
-            "--daemonize", "yes",
-            "--pidfile", str(home / "redis.pid"),
-            "--logfile", str(home / "redis.log"),
-        ]  # fmt: skip
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+            "--daemonize",
+            "yes",
+            "--pidfile",
+            str(home / "redis.pid"),
+            "--logfile",
+            str(home / "redis.log"),
+        ]
         result = subprocess.run(command, capture_output=True, text=True, check=False)  # noqa: S603
         if result.returncode != 0:
             raise StoreError(

@@ -282,10 +282,14 @@ class Sweeper(threading.Thread):
             try:
                 while len(self.runtime.sweep_once()) >= 500 and not self._stop_event.is_set():
                     pass  # a full batch: more may be due right now
-            except redis.RedisError as exc:
+            except Exception as exc:
                 now = time.monotonic()
                 if now - self._last_error > 30:
-                    log.warning("sweeper.failed", error=str(exc))
+                    log.warning(
+                        "sweeper.failed",
+                        error=f"{type(exc).__name__}: {exc}",
+                        exc_info=not isinstance(exc, redis.RedisError),
+                    )
                     self._last_error = now
 
     def stop(self) -> None:

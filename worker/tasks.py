@@ -14,6 +14,7 @@ def register(app: Celery) -> Task[Any, Any]:
 
     @app.task(
         name=TASK_NAME,
+        shared=False,  # one task per app: tests and the demo build several apps
         bind=True,
         ignore_result=True,
         acks_late=True,

@@ -1,0 +1,126 @@
+"""The producer: validation, dedup, and one round trip per report or per bulk chunk."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+
+from worker.config import Settings
+from worker.errors import ReportError
+from worker.keys import Keys
+from worker.producer import Producer
+
+BAD_IDS = [0, -1, "-5", "abc", "", " ", 1.5, "1.5", True, None, 2**63, "１２"]
+
+
+@pytest.mark.parametrize("task_id", BAD_IDS, ids=repr)
+def test_invalid_task_id_is_refused_and_nothing_reaches_redis(
+    producer: Producer, redis_client: redis.Redis, task_id: object
+) -> None:
+    """A taskId that is not a positive integer is refused with the accepted range; Redis
+    stays empty."""
+    with pytest.raises(ReportError, match="expected a positive integer"):
+        producer.enqueue(task_id, "image")
+    assert [] == redis_client.keys("*")
+
+
+def test_unknown_type_is_refused_listing_accepted_names_and_nothing_reaches_redis(
+    producer: Producer, redis_client: redis.Redis
+) -> None:
+    """An unknown captchaType is refused with the accepted names; nothing is queued."""
+    with pytest.raises(ReportError) as info:
+        producer.enqueue(5, "SuperCaptchaTask")
+    message = str(info.value)
+    assert "SuperCaptchaTask" in message
+    for name in ("ImageToTextTask", "TurnstileTask", "recaptcha"):
+        assert name in message
+    assert [] == redis_client.keys("*")
+
+
+def test_unknown_account_is_refused_naming_the_configured_ones(
+    producer: Producer, redis_client: redis.Redis
+) -> None:
+    """A report for an account that is not configured is refused, naming the known ones."""
+    with pytest.raises(ReportError, match=r"unknown account 'nope'.*default"):
+        producer.enqueue(5, "image", "nope")
+    assert [] == redis_client.keys("*")
+
+
+def test_string_digits_are_accepted_as_task_id(
+    producer: Producer, redis_client: redis.Redis, settings: Settings, keys: Keys
+) -> None:
+    """A taskId given as a string of digits (from a CLI or CSV) is queued as that integer."""
+    assert "queued" == producer.enqueue("42", "image")
+    assert b"q" == redis_client.hget(keys.report("default", 42), "s")
+    assert 1 == redis_client.llen(settings.queue)
+
+
+def test_duplicate_is_not_queued_twice(
+    producer: Producer, redis_client: redis.Redis, settings: Settings
+) -> None:
+    """The same (account, taskId) while pending is a duplicate: one message only."""
+    assert "queued" == producer.enqueue(7, "image")
+    assert "duplicate" == producer.enqueue(7, "token")
+    assert 1 == redis_client.llen(settings.queue)
+
+
+class CountingRedis(redis.Redis):
+    """A real client that counts the commands it sends (round trips, for these tests)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent: list[str] = []
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.sent.append(str(args[0]).upper())
+        return super().execute_command(*args, **options)
+
+
+def test_single_enqueue_is_one_round_trip(settings: Settings) -> None:
+    """Enqueueing one report is one Redis command (a script), whatever it writes."""
+    client = CountingRedis.from_url(settings.redis_url)
+    producer = Producer(settings, client)
+    producer.enqueue(1, "image")  # loads the script
+    client.sent.clear()
+    producer.enqueue(2, "image")
+    assert ["EVALSHA"] == client.sent
+
+
+def test_bulk_enqueue_is_one_round_trip_per_chunk(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """2,500 reports in chunks of 1,000 cost three script calls, not one per report."""
+    client = CountingRedis.from_url(settings.redis_url)
+    producer = Producer(settings, client)
+    producer.enqueue(1, "image")
+    client.sent.clear()
+    result = producer.enqueue_many(
+        [{"taskId": n, "captchaType": "image"} for n in range(10, 2510)], chunk=1000
+    )
+    assert (2500, 0) == (result.queued, result.duplicates)
+    assert ["EVALSHA"] * 3 == client.sent
+    assert 2501 == redis_client.llen(settings.queue)
+
+
+def test_bulk_refuses_invalid_items_with_their_index_and_queues_the_rest(
+    producer: Producer, settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Invalid items are listed with their position and reason; valid ones are queued."""
+    items = [
+        {"taskId": 1, "captchaType": "image"},
+        {"taskId": -1, "captchaType": "image"},
+        {"taskId": 2, "captchaType": "nope"},
+        (3, "token"),
+        (4, "token", "default"),
+        {"captchaType": "image"},
+        "garbage",
+    ]
+    result = producer.enqueue_many(items)
+    assert 3 == result.queued
+    assert [1, 2, 5, 6] == [r.index for r in result.refused]
+    assert "invalid taskId -1" in result.refused[0].error
+    assert "unknown captchaType 'nope'" in result.refused[1].error
+    assert "missing taskId" in result.refused[2].error
+    assert 3 == redis_client.llen(settings.queue)

@@ -1,0 +1,5 @@
+"""``python -m worker`` is ``report-forwarder``."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,214 @@
+"""Dead letters: list, show, replay, purge, export.
+
+Dead letters live in a Redis stream (``{p}:dead``), capped in length and age; each entry
+holds what an operator needs to decide — taskId, type, kind, account, reason, error code,
+HTTP status, attempts, enqueue and failure times, the last error — and never a key. The
+stream id (``1764460800000-0``) is the dead letter's id. Replay goes through the normal
+enqueue path (validation, dedup, a fresh deadline) and removes the entry in the same
+atomic step, so a replayed report is never both queued and dead, nor lost between.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis
+
+from .errors import ReportError
+from .keys import Keys
+from .producer import Producer
+
+REASONS = (
+    "rejected",
+    "account_fault",
+    "account_paused",
+    "expired",
+    "retries_exhausted",
+    "poison",
+)
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_ID = re.compile(r"^\d+-\d+$")
+_PAGE = 500
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: str
+    task_id: int
+    captcha_type: str
+    kind: str
+    account: str
+    reason: str
+    error_code: str | None
+    http_status: int | None
+    attempts: int
+    deliveries: int
+    enqueued_at: float | None
+    failed_at: float | None
+    error: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    reason: str | None = None
+    captcha_type: str | None = None
+    account: str | None = None
+    since_s: float | None = None
+
+    def match(self, letter: DeadLetter) -> bool:
+        return (
+            (self.reason is None or letter.reason == self.reason)
+            and (
+                self.captcha_type is None
+                or letter.captcha_type.lower() == self.captcha_type.lower()
+                or letter.kind == self.captcha_type.lower()
+            )
+            and (self.account is None or letter.account == self.account)
+        )
+
+    @property
+    def empty(self) -> bool:
+        return self == Filters()
+
+
+def parse_age(text: str) -> float:
+    """'90', '90s', '15m', '2h', '1d', '1w' -> seconds; ReportError otherwise."""
+    match = _AGE.match(text or "")
+    if match is None:
+        raise ReportError(f"invalid age {text!r}: expected e.g. 90s, 15m, 2h, 1d or 1w")
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+def check_reason(reason: str | None) -> str | None:
+    if reason is not None and reason not in REASONS:
+        raise ReportError(f"unknown reason {reason!r}; reasons are: {', '.join(REASONS)}")
+    return reason
+
+
+def _decode(entry_id: Any, fields: dict[Any, Any]) -> DeadLetter:
+    f = {k.decode(): v.decode() for k, v in fields.items()}
+
+    def number(name: str) -> float | None:
+        return float(f[name]) if f.get(name) else None
+
+    return DeadLetter(
+        id=entry_id.decode(),
+        task_id=int(f.get("task_id", 0)),
+        captcha_type=f.get("captcha_type", ""),
+        kind=f.get("kind", ""),
+        account=f.get("account", ""),
+        reason=f.get("reason", ""),
+        error_code=f.get("error_code") or None,
+        http_status=int(f["http_status"]) if f.get("http_status") else None,
+        attempts=int(f.get("attempts") or 0),
+        deliveries=int(f.get("deliveries") or 0),
+        enqueued_at=number("enqueued_at"),
+        failed_at=number("failed_at"),
+        error=f.get("error", ""),
+    )
+
+
+class DeadLetters:
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.client = client
+        self.key = keys.dead
+
+    def count(self) -> int:
+        return int(self.client.xlen(self.key))
+
+    def iter(
+        self, filters: Filters = Filters(), *, newest_first: bool = True
+    ) -> Iterator[DeadLetter]:
+        """Matching dead letters, newest first, paging through the stream."""
+        low = "-"
+        if filters.since_s is not None:
+            low = f"{int((time.time() - filters.since_s) * 1000)}-0"
+        high = "+"
+        while True:
+            page: Any
+            if newest_first:
+                page = self.client.xrevrange(self.key, max=high, min=low, count=_PAGE)
+            else:
+                page = self.client.xrange(self.key, min=low, max=high, count=_PAGE)
+            for entry_id, fields in page:
+                letter = _decode(entry_id, fields)
+                if filters.match(letter):
+                    yield letter
+            if len(page) < _PAGE:
+                return
+            last = page[-1][0].decode()
+            if newest_first:
+                high = "(" + last
+            else:
+                low = "(" + last
+
+    def latest(self, filters: Filters = Filters(), limit: int | None = 100) -> list[DeadLetter]:
+        """Up to ``limit`` matching dead letters, newest first."""
+        out = []
+        for letter in self.iter(filters):
+            out.append(letter)
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    def get(self, entry_id: str) -> DeadLetter | None:
+        if not _ID.match(entry_id):
+            raise ReportError(f"invalid dead-letter id {entry_id!r}: expected e.g. 1764460800000-0")
+        page: Any = self.client.xrange(self.key, min=entry_id, max=entry_id, count=1)
+        return _decode(*page[0]) if page else None
+
+    def select(self, ids: Sequence[str], filters: Filters, everything: bool) -> list[DeadLetter]:
+        """The dead letters a replay or purge acts on: ids, or filters, or ``everything``."""
+        if ids:
+            found = [self.get(entry_id) for entry_id in ids]
+            missing = [i for i, letter in zip(ids, found, strict=True) if letter is None]
+            if missing:
+                raise ReportError(f"no dead letter with id {', '.join(missing)}")
+            return [letter for letter in found if letter is not None]
+        if filters.empty and not everything:
+            raise ReportError(
+                "say which dead letters: IDs, filters (--reason, --type, ...) or --all"
+            )
+        return list(self.iter(filters, newest_first=False))
+
+    def purge(self, letters: Sequence[DeadLetter]) -> int:
+        removed = 0
+        for start in range(0, len(letters), _PAGE):
+            batch = [letter.id for letter in letters[start : start + _PAGE]]
+            removed += int(self.client.xdel(self.key, *batch))
+        return removed
+
+
+@dataclass(slots=True)
+class ReplayResult:
+    replayed: int = 0
+    duplicates: int = 0
+    refused: list[tuple[str, str]] | None = None
+
+
+def replay(producer: Producer, letters: Sequence[DeadLetter], chunk: int = _PAGE) -> ReplayResult:
+    """Queue ``letters`` again with a fresh deadline; each entry is removed as it is queued.
+    A letter that no longer validates (type or account removed) stays, and is reported."""
+    result = ReplayResult(refused=[])
+    rows = []
+    for letter in letters:
+        try:
+            rows.append(
+                producer.row(letter.task_id, letter.captcha_type, letter.account, letter.id)
+            )
+        except ReportError as exc:
+            assert result.refused is not None
+            result.refused.append((letter.id, str(exc)))
+    for start in range(0, len(rows), chunk):
+        flags = producer.ledger.enqueue(rows[start : start + chunk])
+        result.replayed += sum(flags)
+        result.duplicates += len(flags) - sum(flags)
+    return result

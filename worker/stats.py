@@ -1,0 +1,119 @@
+"""Cluster-wide numbers from Redis: throughput, backlog, oldest queued age, dead letters,
+paused accounts. Every worker on every host adds to the same per-minute counters, so these
+figures are the whole fleet's without Prometheus."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from typing import Any
+
+import redis
+
+from .config import Settings
+from .keys import Keys
+
+WINDOWS_MIN = (1, 5, 15)
+TERMINAL = (
+    "accepted",
+    "rejected",
+    "account_fault",
+    "account_paused",
+    "expired",
+    "retries_exhausted",
+    "poison",
+)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def minute_counts(
+    client: redis.Redis, keys: Keys, minutes: int, now: float
+) -> list[dict[str, int]]:
+    """The per-minute counter hashes for the last ``minutes`` minutes, oldest first."""
+    current = int(now // 60)
+    pipe = client.pipeline(transaction=False)
+    for minute in range(current - minutes + 1, current + 1):
+        pipe.hgetall(keys.stats(minute))
+    return [{_text(k): int(v) for k, v in row.items()} for row in pipe.execute()]
+
+
+def snapshot(
+    client: redis.Redis, settings: Settings, *, now: float | None = None
+) -> dict[str, Any]:
+    """Everything ``report-forwarder stats`` shows, as one JSON-able document."""
+    now = time.time() if now is None else now
+    keys = Keys(settings.key_prefix)
+    pipe = client.pipeline(transaction=False)
+    pipe.llen(settings.queue)
+    pipe.get(keys.npending)
+    pipe.zcard(keys.sched)
+    pipe.zcard(keys.leases)
+    pipe.zrange(keys.msgs, 0, 0)
+    pipe.xlen(keys.dead)
+    pipe.zrange(keys.paused, 0, -1, withscores=True)
+    depth, npending, waiting, running, oldest, dead_total, paused = pipe.execute()
+
+    oldest_age = None
+    if oldest:
+        entry = client.hget(keys.msgrefs, oldest[0])
+        if entry:
+            oldest_age = max(0.0, now - float(_text(entry).split("|", 1)[0]))
+
+    rows = minute_counts(client, keys, max(WINDOWS_MIN), now)
+    windows: dict[str, Any] = {}
+    for span in WINDOWS_MIN:
+        by_outcome: dict[str, int] = defaultdict(int)
+        by_kind: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        by_code: dict[str, int] = defaultdict(int)
+        for row in rows[-span:]:
+            for field, count in row.items():
+                outcome, kind, code, _account = ([*field.split("|"), "", "", ""])[:4]
+                by_outcome[outcome] += count
+                by_kind[kind][outcome] += count
+                if code:
+                    by_code[code] += count
+        done = sum(by_outcome[o] for o in TERMINAL)
+        windows[f"{span}m"] = {
+            "by_outcome": dict(by_outcome),
+            "by_kind": {k: dict(v) for k, v in by_kind.items()},
+            "by_error_code": dict(by_code),
+            "per_second": round(done / (span * 60), 3),
+        }
+
+    paused_accounts = []
+    for account, until in paused:
+        name = _text(account)
+        if until <= now:
+            continue
+        reason = client.get(keys.paused_reason(name))
+        info = json.loads(reason) if reason else {}
+        paused_accounts.append(
+            {
+                "account": name,
+                "until": until,
+                "remaining_s": round(until - now, 1),
+                "error_code": info.get("error_code"),
+            }
+        )
+    return {
+        "at": now,
+        "queue": settings.queue,
+        "backlog": {
+            "pending_reports": int(npending or 0),
+            "queue_depth": int(depth),
+            "waiting_retry": int(waiting),
+            "in_flight": int(running),
+            "oldest_queued_age_s": None if oldest_age is None else round(oldest_age, 3),
+        },
+        "throughput": windows,
+        "dead_letters": {"total": int(dead_total)},
+        "paused_accounts": paused_accounts,
+        "accounts": {
+            name: {"provider": a.provider.name, "rate_limit": str(a.rate_limit)}
+            for name, a in settings.accounts.items()
+        },
+    }
