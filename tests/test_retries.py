@@ -253,7 +253,7 @@ def test_retries_never_land_after_deadline_nor_sooner_than_two_seconds() -> None
             deadline=deadline,
             now=NOW,
             policy=POLICY,
-            rng=random.Random(rng.random()),
+            rng=random.Random(rng.randrange(2**32)),
         )
         if result.action == "retry":
             retries += 1

@@ -57,12 +57,6 @@ def api_error(code: str, description: str = "") -> bytes:
 
 SUCCESS = json.dumps({"errorId": 0, "status": "success"}).encode()
 
-# Known bugs in worker/upstream.py, pinned by strict xfails below.
-BUSY_STATUS_BUG = "bug: classify lets HTTP 429/5xx override a permanent code in the JSON body"
-KEY_ECHO_BUG = (
-    "bug: Outcome.detail quotes an echoed body/errorDescription without redacting the key"
-)
-
 
 @pytest.fixture
 def api() -> Iterator[responses.RequestsMock]:
@@ -215,7 +209,6 @@ def test_classify_reads_json_body_before_status(
     assert http_status == outcome.http_status
 
 
-@pytest.mark.xfail(strict=True, reason=BUSY_STATUS_BUG)
 @pytest.mark.parametrize("http_status", [429, 503])
 @pytest.mark.parametrize("code", REJECTED_CODES)
 def test_classify_permanent_body_code_wins_over_busy_status(http_status: int, code: str) -> None:
@@ -501,7 +494,6 @@ def test_send_report_detail_never_contains_client_key(
     assert CLIENT_KEY not in repr(outcome)
 
 
-@pytest.mark.xfail(strict=True, reason=KEY_ECHO_BUG)
 @pytest.mark.parametrize("callback", ECHOING.values(), ids=ECHOING.keys())
 def test_send_report_detail_never_contains_echoed_client_key(
     api: responses.RequestsMock, callback: Callback

@@ -63,12 +63,12 @@ class RateLimit:
     def parse(cls, text: str) -> RateLimit:
         match = _RATE.match(text) if isinstance(text, str) else None
         unit = _PERIODS.get(match.group(3).lower()) if match else None
-        if match is None or unit is None or int(match.group(1)) < 1:
+        multiple = int(match.group(2) or 1) if match else 0
+        if match is None or unit is None or int(match.group(1)) < 1 or multiple < 1:
             raise ValueError(
                 f"{text!r} is not a rate limit; expected e.g. '50/second', '600/minute', '5/10s'"
             )
-        multiple = int(match.group(2) or 1)
-        return cls(amount=int(match.group(1)), period_s=unit * max(multiple, 1))
+        return cls(amount=int(match.group(1)), period_s=unit * multiple)
 
     def __str__(self) -> str:
         if self.period_s == 1:

@@ -7,13 +7,15 @@ accepted         ``errorId == 0``
 account_fault    ERROR_KEY_DOES_NOT_EXIST, ERROR_ZERO_BALANCE, ERROR_IP_NOT_ALLOWED,
                  ERROR_IP_BANNED, ERROR_IP_BLOCKED
 transient        ERROR_TOO_MUCH_REQUESTS, ERROR_NO_SLOT_AVAILABLE, CAPTCHA_NOT_READY; network
-                 error, timeout; HTTP 5xx or 429 (whatever code the body names, unless it is
-                 one of the codes above); a body that is not JSON on a non-4xx answer
-rejected         every other ERROR_* code; HTTP 4xx (not 429) with no usable body
+                 error, timeout; HTTP 5xx or 429 without an error code in the body; a body
+                 that is not JSON (unless the status is a 4xx other than 429)
+rejected         every other ERROR_* code, whatever the HTTP status (repeating a request
+                 for a wrong task id is what gets accounts banned); HTTP 4xx (not 429)
+                 with no usable body
 ===============  ==========================================================================
 
-A provider profile may map extra codes (``error_codes`` in providers.toml). Error texts
-never include the request body, so the key cannot leak through them.
+A provider profile may map extra codes (``error_codes`` in providers.toml). The client key
+is scrubbed from every error text, even when a server echoes the request back.
 """
 
 from __future__ import annotations
@@ -94,15 +96,17 @@ def send_report(
         )
         content = response.content
     except requests.Timeout as exc:
-        return Outcome("transient", None, "TIMEOUT", _describe(exc), None, _since(started))
+        detail = _describe(exc, client_key)
+        return Outcome("transient", None, "TIMEOUT", detail, None, _since(started))
     except requests.RequestException as exc:
-        return Outcome("transient", None, "CONNECTION_ERROR", _describe(exc), None, _since(started))
+        detail = _describe(exc, client_key)
+        return Outcome("transient", None, "CONNECTION_ERROR", detail, None, _since(started))
     outcome = classify(response.status_code, content, response.headers, error_codes)
     return Outcome(
         outcome.status,
         outcome.http_status,
         outcome.error_code,
-        outcome.detail,
+        outcome.detail.replace(client_key, "****") if client_key else outcome.detail,
         outcome.retry_after,
         _since(started),
     )
@@ -138,7 +142,7 @@ def classify(
         return Outcome(mapped, http_status, code, detail, retry_after)  # type: ignore[arg-type]
     if code in ACCOUNT_FAULT_CODES:
         return Outcome("account_fault", http_status, code, detail, retry_after)
-    if code in TRANSIENT_CODES or busy:
+    if code in TRANSIENT_CODES or (busy and not code):
         return Outcome("transient", http_status, code or f"HTTP_{http_status}", detail, retry_after)
     return Outcome("rejected", http_status, code or f"ERROR_ID_{error_id}", detail, retry_after)
 
@@ -165,5 +169,6 @@ def _since(started: float) -> float:
     return time.perf_counter() - started
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:300]
+def _describe(exc: BaseException, secret: str) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return (text.replace(secret, "****") if secret else text)[:300]
