@@ -11,10 +11,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import socket
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import IO, Any, NoReturn
 
@@ -120,6 +122,10 @@ def worker(concurrency: int | None, hostname: str | None) -> None:
 
     settings = _state().settings
     _logging(settings, cache=True)
+    logging.captureWarnings(True)  # Celery's warnings become log lines, not raw stderr
+    # We keep running tasks through a broker reconnect on purpose (the ledger re-queues
+    # whatever cannot be acked); Celery warns about that default on every reconnect.
+    warnings.filterwarnings("ignore", message=r"(?s).*worker_cancel_long_running_tasks")
     runtime = Runtime(settings, store.resolve_url(settings))
     app = create_app(runtime)
     options = worker_options(settings.queue, concurrency or settings.concurrency)

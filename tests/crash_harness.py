@@ -1,0 +1,295 @@
+"""Crash runs: thousands of reports through real worker subprocesses and a real Redis, with
+workers SIGKILLed mid-flight and Redis SIGKILLed and restarted from its AOF. Then every
+report must have exactly one terminal outcome (accepted, or one dead letter), and the API
+must have seen no more duplicates than the reports in flight at the kills.
+
+Used by tests/test_crash.py (one run) and runnable on its own for repeated runs::
+
+    .venv/bin/python -m tests.crash_harness --runs 5 --reports 3000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from worker.config import load_settings
+from worker.keys import Keys
+from worker.producer import Producer
+from worker.sandbox import Rule, Sandbox
+
+CLIENT_KEY = "crash-test-key-8d1e"
+CONCURRENCY = 8
+RECOVERY = """
+[recovery]
+lease_s = 5
+visibility_timeout_s = 25
+restore_interval_s = 2
+lost_grace_s = 2
+sweep_interval_s = 0.2
+[delivery]
+backoff_cap_s = 4.0
+[accounts.default]
+provider = "capmonster"
+key_env = "CAPMONSTER_CLIENT_KEY"
+rate_limit = "100000/second"
+"""
+
+
+@dataclass
+class RunResult:
+    reports: int
+    accepted: int = 0
+    dead_lettered: int = 0
+    lost: list[int] = field(default_factory=list)
+    double_outcomes: list[int] = field(default_factory=list)
+    duplicate_calls: int = 0
+    kills: list[str] = field(default_factory=list)
+    in_flight_at_kills: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        bound = len(self.kills) * CONCURRENCY
+        return not self.lost and not self.double_outcomes and self.duplicate_calls <= bound
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class _Redis:
+    def __init__(self, directory: Path) -> None:
+        from worker.embedded import redis_server_binary
+
+        self.binary = redis_server_binary()
+        self.port = _free_port()
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", str(self.directory), "--appendonly", "yes", "--appendfsync", "always",
+             "--save", ""],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if client.ping():
+                    break
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis did not come up")
+            time.sleep(0.02)
+        client.close()
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+class _Workers:
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env = env
+        self.logs = logs
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"worker-{len(self.procs)}.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "worker", "--concurrency", str(CONCURRENCY)],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def run_once(reports: int = 3000, seed: int = 1, workdir: Path | None = None) -> RunResult:
+    """One crash run; returns what happened to every report."""
+    rng = random.Random(seed)
+    owned = workdir is None
+    base = Path(tempfile.mkdtemp(prefix="rf-crash-")) if workdir is None else workdir
+    (base / "redis").mkdir(parents=True, exist_ok=True)
+    server = _Redis(base / "redis")
+    server.start()
+    result = RunResult(reports=reports)
+    started = time.monotonic()
+    with Sandbox(latency_ms=15) as sandbox:
+        config = base / "crash.toml"
+        config.write_text(RECOVERY)
+        env = dict(os.environ)
+        for name in list(env):
+            if name.startswith("REPORT_FORWARDER_"):
+                del env[name]
+        env.update(
+            REDIS_URL=server.url,
+            REPORT_FORWARDER_API_URL=sandbox.url,
+            CAPMONSTER_CLIENT_KEY=CLIENT_KEY,
+            REPORT_FORWARDER_CONFIG=str(config),
+            REPORT_FORWARDER_LOG_FORMAT="json",
+        )
+        settings = load_settings(environ=env)
+        keys = Keys(settings.key_prefix)
+        ids = [10_000_000 + n for n in range(reports)]
+        rejected = set(rng.sample(ids, reports // 20))
+        flaky = set(rng.sample(sorted(set(ids) - rejected), reports // 30))
+        for task_id in rejected:
+            sandbox.add_rule(Rule(task_id=task_id, error_code="ERROR_NO_SUCH_CAPCHA_ID"))
+        for task_id in flaky:
+            sandbox.add_rule(Rule(task_id=task_id, http_status=503, times=1))
+        workers = _Workers(env, base)
+        victims = [workers.spawn(), workers.spawn()]
+        producer = Producer(settings)
+        client = producer.client
+
+        feeding = threading.Thread(target=_feed, args=(producer, ids), daemon=True)
+        feeding.start()
+
+        def done_count() -> int:
+            return sandbox.count(success=True) + sandbox.count(success=False)
+
+        try:
+            for share, victim in ((0.15, victims[0]), (0.35, victims[1])):
+                _wait(lambda s=share: done_count() >= reports * s, 120)
+                result.in_flight_at_kills.append(int(client.zcard(keys.leases)))
+                workers.kill(victim)
+                result.kills.append(f"worker pid {victim.pid}")
+                workers.spawn()
+            _wait(lambda: done_count() >= reports * 0.55, 120)
+            result.in_flight_at_kills.append(int(client.zcard(keys.leases)))
+            server.kill()
+            result.kills.append("redis")
+            server.start()
+            feeding.join(120)
+            _wait(lambda: _pending(client, keys) == 0, 240)
+        finally:
+            workers.stop_all()
+        _verify(result, client, keys, ids, sandbox)
+        producer.client.close()
+    server.stop()
+    result.seconds = round(time.monotonic() - started, 1)
+    if owned:
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)
+    return result
+
+
+def _feed(producer: Producer, ids: list[int]) -> None:
+    """Enqueue in chunks while the workers run (and die), as producers would."""
+    types = ["ImageToTextTask", "RecaptchaV2TaskProxyless", "HCaptchaTask", "TurnstileTask"]
+    for start in range(0, len(ids), 100):
+        items = [(t, types[t % len(types)]) for t in ids[start : start + 100]]
+        while True:
+            try:
+                producer.enqueue_many(items)
+                break
+            except Exception:
+                time.sleep(0.2)
+        time.sleep(0.02)
+
+
+def _pending(client: redis.Redis, keys: Keys) -> int:
+    try:
+        return int(client.get(keys.npending) or 0)
+    except redis.RedisError:
+        return -1
+
+
+def _wait(predicate: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"crash run stalled ({timeout:.0f} s)")
+        time.sleep(0.05)
+
+
+def _verify(
+    result: RunResult, client: redis.Redis, keys: Keys, ids: list[int], sandbox: Sandbox
+) -> None:
+    accepted = {
+        task_id for task_id in ids if client.hget(keys.report("default", task_id), "s") == b"a"
+    }
+    dead = Counter(int(fields[b"task_id"]) for _, fields in client.xrange(keys.dead))
+    result.accepted = len(accepted)
+    result.dead_lettered = sum(dead.values())
+    result.lost = sorted(set(ids) - accepted - set(dead))
+    result.double_outcomes = sorted({t for t, n in dead.items() if n > 1} | (accepted & set(dead)))
+    # a duplicate call: the API answered this task's report with a terminal answer before
+    calls: dict[int, int] = Counter()
+    for request in sandbox.requests():
+        if request.task_id is not None and request.status != 503:
+            calls[request.task_id] += 1
+    result.duplicate_calls = sum(n - 1 for n in calls.values() if n > 1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--reports", type=int, default=3000)
+    args = parser.parse_args()
+    failures = 0
+    for run in range(1, args.runs + 1):
+        result = run_once(args.reports, seed=run)
+        doc = asdict(result)
+        doc["lost"] = len(result.lost)
+        doc["double_outcomes"] = len(result.double_outcomes)
+        doc["ok"] = result.ok
+        print(json.dumps({"run": run, **doc}), flush=True)
+        failures += not result.ok
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Several real worker processes sharing one Redis: the account pause holds across them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import redis
+from click.testing import CliRunner
+
+from worker.cli import main
+from worker.keys import Keys
+from worker.producer import Producer
+from worker.sandbox import Rule, Sandbox
+
+from .conftest import CLIENT_KEY, FAST_RECOVERY, cli_env, wait_until
+from .crash_harness import _Workers
+
+
+@pytest.fixture
+def two_workers(env: dict[str, str], tmp_path: Path, redis_client: redis.Redis):  # type: ignore[no-untyped-def]
+    del redis_client  # flushed
+    config = tmp_path / "workers.toml"
+    config.write_text(FAST_RECOVERY)
+    environ = cli_env(env, REPORT_FORWARDER_CONFIG=str(config))
+    workers = _Workers(environ, tmp_path)
+    procs = [workers.spawn(), workers.spawn()]
+    yield environ, procs
+    workers.stop_all()
+    for proc in procs:
+        assert 0 == proc.returncode, (tmp_path / "worker-0.log").read_text()[-2000:]
+
+
+@pytest.mark.timeout(120)
+def test_account_pause_holds_across_two_worker_processes(
+    two_workers: tuple[dict[str, str], list[object]],
+    sandbox: Sandbox,
+    redis_client: redis.Redis,
+) -> None:
+    """A zero-balance account costs a handful of API calls across two workers, not one per
+    report; `stats --json` shows the pause; `accounts resume` lifts it for both."""
+    from worker.config import load_settings
+
+    environ, _ = two_workers
+    sandbox.add_rule(Rule(client_key=CLIENT_KEY, error_code="ERROR_ZERO_BALANCE"))
+    producer = Producer(load_settings(environ=environ))
+    keys = Keys()
+    result = producer.enqueue_many([(n, "image") for n in range(1, 201)])
+    assert 200 == result.queued
+    wait_until(lambda: redis_client.xlen(keys.dead) == 200, timeout=60)
+    reasons = [f[b"reason"] for _, f in redis_client.xrange(keys.dead)]
+    calls = sandbox.count()
+    assert calls == reasons.count(b"account_fault")
+    assert calls <= 2 * 16  # at most what was in flight on both workers when it paused
+    assert 200 - calls == reasons.count(b"account_paused")
+
+    stats = CliRunner().invoke(main, ["stats", "--json"], env=environ)
+    paused = json.loads(stats.stdout)["paused_accounts"]
+    assert ["default"] == [p["account"] for p in paused]
+    assert "ERROR_ZERO_BALANCE" == paused[0]["error_code"]
+    assert 500 < paused[0]["remaining_s"] <= 600
+
+    sandbox.clear_rules()  # the balance was topped up
+    resumed = CliRunner().invoke(main, ["accounts", "resume", "default"], env=environ)
+    assert "resumed default" in resumed.stdout
+    replay = CliRunner().invoke(
+        main, ["dead-letters", "replay", "--reason", "account_paused"], env=environ
+    )
+    assert f"replayed {200 - calls}" in replay.stdout
+    wait_until(lambda: sandbox.count(success=True) == 200 - calls, timeout=60)
+    producer.client.close()

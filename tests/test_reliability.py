@@ -1,0 +1,216 @@
+"""Outcomes, retries, deadlines and the account guard, end to end through a real worker."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable
+
+import pytest
+import redis
+import structlog
+
+from worker.config import Settings
+from worker.keys import Keys
+from worker.sandbox import Rule, Sandbox
+
+from .conftest import (
+    CLIENT_KEY,
+    FAST_RECOVERY,
+    Service,
+    all_redis_bytes,
+    running_worker,
+    wait_until,
+)
+
+SHORT_TIMEOUT = FAST_RECOVERY + "\n[worker]\nread_timeout_s = 0.5\n"
+
+
+def _dead(client: redis.Redis, keys: Keys) -> dict[int, dict[str, str]]:
+    return {
+        int(f[b"task_id"]): {k.decode(): v.decode() for k, v in f.items()}
+        for _, f in client.xrange(keys.dead)
+    }
+
+
+def _settled(service: Service) -> Callable[[], bool]:
+    """True once every report queued so far has reached a terminal outcome."""
+    keys = Keys(service.settings.key_prefix)
+
+    def check() -> bool:
+        value = service.runtime.client.get(keys.npending)
+        return value is not None and int(value) == 0
+
+    return check
+
+
+REJECTED = ["ERROR_NO_SUCH_CAPCHA_ID", "WRONG_CAPTCHA_ID", "ERROR_NO_SUCH_METHOD",
+            "ERROR_CAPTCHA_UNSOLVABLE", "ERROR_SOMETHING_NEW"]  # fmt: skip
+
+
+def test_permanent_errors_cost_exactly_one_call(service: Service, sandbox: Sandbox) -> None:
+    """Each rejection code (and a 4xx without the API's JSON) is dead-lettered as rejected
+    after exactly one API call."""
+    cases = {100 + n: Rule(task_id=100 + n, error_code=code) for n, code in enumerate(REJECTED)}
+    cases[200] = Rule(task_id=200, http_status=404, body="<html>nope</html>")
+    cases[201] = Rule(task_id=201, http_status=403, error_code="ERROR_NO_SUCH_CAPCHA_ID")
+    for rule in cases.values():
+        sandbox.add_rule(rule)
+    for task_id in cases:
+        service.producer.enqueue(task_id, "image")
+    keys = Keys(service.settings.key_prefix)
+    wait_until(lambda: len(_dead(service.runtime.client, keys)) == len(cases))
+    dead = _dead(service.runtime.client, keys)
+    for task_id, rule in cases.items():
+        assert 1 == sandbox.count(task_id=task_id), task_id
+        assert "rejected" == dead[task_id]["reason"]
+        assert (rule.error_code or "HTTP_404") == dead[task_id]["error_code"]
+        assert "1" == dead[task_id]["attempts"]
+
+
+TRANSIENT = {
+    301: Rule(task_id=301, http_status=503, times=1),
+    302: Rule(task_id=302, http_status=429, times=1),
+    303: Rule(task_id=303, error_code="ERROR_TOO_MUCH_REQUESTS", times=1),
+    304: Rule(task_id=304, error_code="ERROR_NO_SLOT_AVAILABLE", times=1),
+    305: Rule(task_id=305, error_code="CAPTCHA_NOT_READY", times=1),
+    306: Rule(task_id=306, body="<html>bad gateway</html>", times=1),
+    307: Rule(task_id=307, drop=True, times=1),
+    308: Rule(task_id=308, latency_ms=1500, times=1),  # read timeout is 0.5 s here
+}
+
+
+def test_transient_faults_are_retried_with_backoff_then_accepted(
+    make_settings: Callable[..., Settings], env: dict[str, str], sandbox: Sandbox,
+    redis_client: redis.Redis,
+) -> None:  # fmt: skip
+    """5xx, 429, busy codes, non-JSON bodies, dropped connections and timeouts are retried
+    no sooner than 2 s later and then accepted."""
+    del redis_client
+    settings = make_settings(SHORT_TIMEOUT)
+    for rule in TRANSIENT.values():
+        sandbox.add_rule(rule)
+    with running_worker(settings, env) as svc, structlog.testing.capture_logs() as lines:
+        for task_id in TRANSIENT:
+            svc.producer.enqueue(task_id, "token")
+        wait_until(_settled(svc), timeout=30)
+    accepted = [x["task_id"] for x in lines if x["event"] == "report.accepted"]
+    assert sorted(TRANSIENT) == sorted(accepted)
+    for task_id in TRANSIENT:
+        arrivals = [r.monotonic for r in sandbox.requests() if r.task_id == task_id]
+        assert 2 == len(arrivals), task_id
+        assert arrivals[1] - arrivals[0] >= 2.0, task_id
+    retrying = [x for x in lines if x["event"] == "report.retrying"]
+    assert sorted(TRANSIENT) == sorted(x["task_id"] for x in retrying)
+    assert {"TIMEOUT", "CONNECTION_ERROR", "HTTP_503", "HTTP_429", "INVALID_JSON"} <= {
+        x["error_code"] for x in retrying
+    }
+
+
+def test_retry_after_longer_than_backoff_wins(service: Service, sandbox: Sandbox) -> None:
+    """A 429 with Retry-After: 3 is retried no sooner than 3 s later."""
+    sandbox.add_rule(Rule(task_id=5, http_status=429, retry_after=3, times=1))
+    service.producer.enqueue(5, "image")
+    wait_until(lambda: sandbox.count(task_id=5, success=True) == 1, timeout=15)
+    first, second = (r.monotonic for r in sandbox.requests() if r.task_id == 5)
+    assert second - first >= 3.0
+
+
+def test_deadline_bounds_retries_then_expired(
+    make_settings: Callable[..., Settings], env: dict[str, str], sandbox: Sandbox,
+    redis_client: redis.Redis,
+) -> None:  # fmt: skip
+    """A report that keeps failing is tried until just before its deadline, never after,
+    then dead-lettered as expired."""
+    settings = make_settings(FAST_RECOVERY, REPORT_FORWARDER_REPORT_DEADLINE_S="7")
+    sandbox.add_rule(Rule(task_id=9, http_status=503))
+    keys = Keys(settings.key_prefix)
+    with running_worker(settings, env) as svc:
+        svc.producer.enqueue(9, "image")
+        enqueued = redis_client.hget(keys.report("default", 9), "e")
+        assert enqueued is not None
+        wait_until(lambda: 9 in _dead(redis_client, keys), timeout=20)
+    letter = _dead(redis_client, keys)[9]
+    assert "expired" == letter["reason"]
+    arrivals = [r.at for r in sandbox.requests() if r.task_id == 9]
+    assert 3 <= len(arrivals) == int(letter["attempts"])
+    assert max(arrivals) < float(enqueued) + 7
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert min(gaps) >= 2.0
+
+
+def test_attempt_budget_then_retries_exhausted(
+    make_settings: Callable[..., Settings], env: dict[str, str], sandbox: Sandbox,
+    redis_client: redis.Redis,
+) -> None:  # fmt: skip
+    """With max_attempts = 2, a report failing transiently twice is dead-lettered as
+    retries_exhausted after exactly two calls."""
+    settings = make_settings(FAST_RECOVERY + "\n[delivery]\nmax_attempts = 2\n")
+    sandbox.add_rule(Rule(task_id=4, error_code="ERROR_NO_SLOT_AVAILABLE"))
+    keys = Keys(settings.key_prefix)
+    with running_worker(settings, env) as svc:
+        svc.producer.enqueue(4, "image")
+        wait_until(lambda: 4 in _dead(redis_client, keys), timeout=15)
+    assert "retries_exhausted" == _dead(redis_client, keys)[4]["reason"]
+    assert 2 == sandbox.count(task_id=4)
+
+
+@pytest.mark.parametrize(
+    "code",
+    ["ERROR_KEY_DOES_NOT_EXIST", "ERROR_ZERO_BALANCE", "ERROR_IP_NOT_ALLOWED", "ERROR_IP_BANNED",
+     "ERROR_IP_BLOCKED"],
+)  # fmt: skip
+def test_account_fault_pauses_the_account_after_one_call(
+    service: Service, sandbox: Sandbox, redis_client: redis.Redis, code: str
+) -> None:
+    """An account fault dead-letters the report, pauses the account (one account.paused
+    line) and every later report of it is dead-lettered as account_paused without a call."""
+    sandbox.add_rule(Rule(client_key=CLIENT_KEY, error_code=code))
+    keys = Keys(service.settings.key_prefix)
+    with structlog.testing.capture_logs() as lines:
+        service.producer.enqueue(1, "image")
+        wait_until(lambda: 1 in _dead(redis_client, keys))
+        for task_id in range(2, 22):
+            service.producer.enqueue(task_id, "image")
+        wait_until(lambda: len(_dead(redis_client, keys)) == 21)
+    dead = _dead(redis_client, keys)
+    assert ("account_fault", code) == (dead[1]["reason"], dead[1]["error_code"])
+    assert {"account_paused"} == {dead[t]["reason"] for t in range(2, 22)}
+    assert 1 == sandbox.count()
+    assert 1 == sum(1 for x in lines if x["event"] == "account.paused")
+    assert 21 == sum(1 for x in lines if x["event"] == "report.dead_lettered")
+
+
+def test_redelivered_message_never_reports_twice(
+    service: Service, sandbox: Sandbox, redis_client: redis.Redis, settings: Settings
+) -> None:
+    """The same Celery message delivered three times (as after a redelivery) reaches the API
+    once."""
+    service.app.control.cancel_consumer(settings.queue, reply=True)  # hold the queue
+    service.producer.enqueue(11, "image")
+    (raw,) = redis_client.lrange(settings.queue, 0, -1)
+    redis_client.lpush(settings.queue, raw, raw)
+    service.app.control.add_consumer(settings.queue, reply=True)
+    wait_until(lambda: redis_client.llen(settings.queue) == 0)
+    wait_until(lambda: sandbox.count(task_id=11) >= 1)
+    wait_until(lambda: not redis_client.hlen("unacked"))
+    assert 1 == sandbox.count(task_id=11)
+
+
+def test_key_is_in_no_log_line_no_redis_value_no_dead_letter(
+    service: Service, sandbox: Sandbox, redis_client: redis.Redis
+) -> None:
+    """Across accepted, rejected, transient and account-fault outcomes — including an API
+    that echoes the request back in its error page — the key appears nowhere."""
+    sandbox.add_rule(Rule(task_id=2, error_code="ERROR_NO_SUCH_CAPCHA_ID"))
+    sandbox.add_rule(Rule(task_id=3, http_status=502, body=f"echo: {CLIENT_KEY}", times=1))
+    sandbox.add_rule(Rule(task_id=4, http_status=400, body=f"bad request {CLIENT_KEY}"))
+    with structlog.testing.capture_logs() as lines:
+        for task_id in (1, 2, 3, 4):
+            service.producer.enqueue(task_id, "image")
+        wait_until(lambda: sandbox.count(task_id=3, success=True) == 1, timeout=15)
+        wait_until(lambda: redis_client.xlen(Keys().dead) == 2)
+    assert lines
+    assert CLIENT_KEY not in json.dumps(lines, default=str)
+    assert CLIENT_KEY.encode() not in all_redis_bytes(redis_client)
+    assert b"****" in all_redis_bytes(redis_client)  # the echo was scrubbed, not dropped
