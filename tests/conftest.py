@@ -4,9 +4,6 @@ Celery workers (in-process here; subprocesses in the crash tests)."""
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,20 +18,14 @@ from celery.contrib.testing.worker import start_worker
 from worker import logs
 from worker.celery_app import ForwarderApp, create_app, worker_options
 from worker.config import Settings, load_settings
-from worker.embedded import redis_server_binary
 from worker.keys import Keys
+from worker.messages import list_keys
 from worker.producer import Producer
 from worker.runtime import Runtime
 from worker.sandbox import Sandbox
+from worker.testing import RedisProcess, service_env
 
 CLIENT_KEY = "test-client-key-5f3a9c"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02) -> Any:
@@ -49,75 +40,15 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: fl
         time.sleep(interval)
 
 
-@dataclass
-class RedisServer:
-    port: int
-    directory: Path
-    process: subprocess.Popen[bytes] | None = None
-    appendonly: bool = False
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        command = [
-            redis_server_binary(),
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(self.directory),
-            "--save",
-            "",
-            "--appendonly",
-            "yes" if self.appendonly else "no",
-            "--appendfsync",
-            "always",
-        ]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port)
-        try:
-            wait_until(lambda: _pings(client), timeout=20)
-        finally:
-            client.close()
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, no final save (the AOF holds what was acknowledged)."""
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(10)
-            self.process = None
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-            self.process = None
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except (redis.ConnectionError, redis.BusyLoadingError):
-        return False
-
-
 @pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis")).start()
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    server = RedisProcess(tmp_path_factory.mktemp("redis"), appendonly=False).start()
     yield server
     server.stop()
 
 
 @pytest.fixture
-def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+def redis_client(redis_server: RedisProcess) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_server.url)
     client.flushall()
     yield client
@@ -139,7 +70,7 @@ def _test_logging() -> Iterator[None]:
 
 
 @pytest.fixture
-def env(redis_server: RedisServer, sandbox: Sandbox, tmp_path: Path) -> dict[str, str]:
+def env(redis_server: RedisProcess, sandbox: Sandbox, tmp_path: Path) -> dict[str, str]:
     """The environment of a service pointed at the test Redis and the sandbox."""
     return {
         "REDIS_URL": redis_server.url,
@@ -147,6 +78,8 @@ def env(redis_server: RedisServer, sandbox: Sandbox, tmp_path: Path) -> dict[str
         "CAPMONSTER_CLIENT_KEY": CLIENT_KEY,
         "REPORT_FORWARDER_HOME": str(tmp_path / "home"),
         "REPORT_FORWARDER_LOG_FORMAT": "json",
+        # the limiter has its own tests; elsewhere it must not be what a test waits for
+        "REPORT_FORWARDER_RATE_LIMIT": "100000/second",
     }
 
 
@@ -244,12 +177,19 @@ def all_redis_bytes(client: redis.Redis) -> bytes:
     return b"\n".join(chunks)
 
 
+def queue_length(client: redis.Redis, queue: str = "reports") -> int:
+    """Messages waiting in both of the queue's lists (urgent and normal)."""
+    return sum(int(client.llen(key)) for key in list_keys(queue))
+
+
+def queued_messages(client: redis.Redis, queue: str = "reports") -> list[bytes]:
+    """Waiting messages, next to be taken first (urgent list, then normal)."""
+    out: list[bytes] = []
+    for key in list_keys(queue):
+        out += list(reversed(client.lrange(key, 0, -1)))
+    return out
+
+
 def cli_env(env: dict[str, str], **extra: str) -> dict[str, str]:
     """``env`` on top of the real environment (PATH etc.) for subprocesses."""
-    merged = dict(os.environ)
-    for name in list(merged):
-        if name.startswith("REPORT_FORWARDER_") or name in ("REDIS_URL", "CAPMONSTER_CLIENT_KEY"):
-            del merged[name]
-    merged.update(env)
-    merged.update(extra)
-    return merged
+    return service_env(**{**env, **extra})

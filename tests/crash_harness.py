@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,6 +28,7 @@ from worker.config import load_settings
 from worker.keys import Keys
 from worker.producer import Producer
 from worker.sandbox import Rule, Sandbox
+from worker.testing import RedisProcess, WorkerProcesses, service_env
 
 CLIENT_KEY = "crash-test-key-8d1e"
 CONCURRENCY = 8
@@ -68,111 +66,18 @@ class RunResult:
         return not self.lost and not self.double_outcomes and self.duplicate_calls <= bound
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class _Redis:
-    def __init__(self, directory: Path) -> None:
-        from worker.embedded import redis_server_binary
-
-        self.binary = redis_server_binary()
-        self.port = _free_port()
-        self.directory = directory
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-             "--dir", str(self.directory), "--appendonly", "yes", "--appendfsync", "always",
-             "--save", ""],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if client.ping():
-                    break
-            except (redis.ConnectionError, redis.BusyLoadingError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis did not come up")
-            time.sleep(0.02)
-        client.close()
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-
-
-class _Workers:
-    def __init__(self, env: dict[str, str], logs: Path) -> None:
-        self.env = env
-        self.logs = logs
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def spawn(self) -> subprocess.Popen[bytes]:
-        log = open(self.logs / f"worker-{len(self.procs)}.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "worker", "--concurrency", str(CONCURRENCY)],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        self.procs.append(proc)
-        return proc
-
-    def kill(self, proc: subprocess.Popen[bytes]) -> None:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-
-
 def run_once(reports: int = 3000, seed: int = 1, workdir: Path | None = None) -> RunResult:
     """One crash run; returns what happened to every report."""
     rng = random.Random(seed)
     owned = workdir is None
     base = Path(tempfile.mkdtemp(prefix="rf-crash-")) if workdir is None else workdir
-    (base / "redis").mkdir(parents=True, exist_ok=True)
-    server = _Redis(base / "redis")
-    server.start()
+    server = RedisProcess(base / "redis").start()
     result = RunResult(reports=reports)
     started = time.monotonic()
     with Sandbox(latency_ms=15) as sandbox:
         config = base / "crash.toml"
         config.write_text(RECOVERY)
-        env = dict(os.environ)
-        for name in list(env):
-            if name.startswith("REPORT_FORWARDER_"):
-                del env[name]
-        env.update(
+        env = service_env(
             REDIS_URL=server.url,
             REPORT_FORWARDER_API_URL=sandbox.url,
             CAPMONSTER_CLIENT_KEY=CLIENT_KEY,
@@ -188,7 +93,7 @@ def run_once(reports: int = 3000, seed: int = 1, workdir: Path | None = None) ->
             sandbox.add_rule(Rule(task_id=task_id, error_code="ERROR_NO_SUCH_CAPCHA_ID"))
         for task_id in flaky:
             sandbox.add_rule(Rule(task_id=task_id, http_status=503, times=1))
-        workers = _Workers(env, base)
+        workers = WorkerProcesses(env, base, CONCURRENCY)
         victims = [workers.spawn(), workers.spawn()]
         producer = Producer(settings)
         client = producer.client
@@ -210,7 +115,7 @@ def run_once(reports: int = 3000, seed: int = 1, workdir: Path | None = None) ->
             result.in_flight_at_kills.append(int(client.zcard(keys.leases)))
             server.kill()
             result.kills.append("redis")
-            server.start()
+            server.start()  # same port and directory: it replays its AOF
             feeding.join(120)
             _wait(lambda: _pending(client, keys) == 0, 240)
         finally:

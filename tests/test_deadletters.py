@@ -48,8 +48,8 @@ def test_list_json_rows_carry_the_documented_fields(
         assert ("rejected", "ERROR_NO_SUCH_CAPCHA_ID", 200, 1, "default") == (
             row["reason"], row["error_code"], row["http_status"], row["attempts"], row["account"]
         )  # fmt: skip
-    failed = [row["failed_at"] for row in rows]
-    assert sorted(failed, reverse=True) == failed
+    order = [tuple(int(part) for part in row["id"].split("-")) for row in rows]
+    assert sorted(order, reverse=True) == order  # newest dead-lettered first
 
 
 def test_filters_show_and_export(

@@ -10,10 +10,10 @@ import redis
 
 from worker.keys import UNACKED, Keys
 from worker.ledger import Claim, Ledger
-from worker.messages import template
+from worker.messages import list_keys, template
 from worker.producer import Producer
 
-from .conftest import wait_until
+from .conftest import queue_length, queued_messages, wait_until
 
 REF = "default:7"
 
@@ -23,11 +23,11 @@ def ledger(producer: Producer) -> Ledger:
     return producer.ledger
 
 
-def _pop(client: redis.Redis, queue: str) -> tuple[str, list[str]]:
-    """Take the oldest message off the queue as a worker would: (message id, refs)."""
-    raw = client.rpop(queue)
-    assert raw is not None
-    message = json.loads(raw)
+def _pop(client: redis.Redis, queue: str = "reports") -> tuple[str, list[str]]:
+    """Take the next message off the queue as a worker would: (message id, refs)."""
+    popped = client.brpop(list(list_keys(queue)), timeout=1)
+    assert popped is not None
+    message = json.loads(popped[1])
     return message["headers"]["id"], json.loads(message["body"])[0][0]
 
 
@@ -124,7 +124,7 @@ def test_message_held_by_a_worker_is_not_taken_for_lost(
     ledger.claim("default:8", later, 30)
     for _ in range(3):
         assert [] == ledger.sweep(lease_s=30, max_deliveries=3, lost_grace_s=0.0)
-    assert 0 == redis_client.llen("reports")
+    assert 0 == queue_length(redis_client)
 
 
 def test_due_retry_is_requeued_and_not_before(
@@ -173,14 +173,13 @@ def test_replayed_dead_letter_is_removed_in_the_same_step(
     ((dead_id, _),) = redis_client.xrange(keys.dead)
     assert [1] == ledger.enqueue([producer.row(7, "image", "default", dead_id.decode())])
     assert 0 == redis_client.xlen(keys.dead)
-    assert 1 == redis_client.llen("reports")
+    assert 1 == queue_length(redis_client)
 
 
 def test_template_is_what_the_queue_gets(producer: Producer, redis_client: redis.Redis) -> None:
     """The message pushed by the script is the template with the id and refs filled in."""
     producer.enqueue(7, "image")
-    raw = redis_client.lindex("reports", 0)
-    assert raw is not None
+    (raw,) = queued_messages(redis_client)
     message_id = json.loads(raw)["headers"]["id"]
     expected = template("reports").replace("@ID@", message_id).replace("@REFS@", '\\"default:7\\"')
     assert expected.encode() == raw

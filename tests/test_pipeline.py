@@ -11,7 +11,7 @@ import structlog
 from worker.config import Settings
 from worker.sandbox import Sandbox
 
-from .conftest import CLIENT_KEY, Service, all_redis_bytes, wait_until
+from .conftest import CLIENT_KEY, Service, all_redis_bytes, queued_messages, wait_until
 
 IMAGE_TYPES = ["ImageToTextTask", "ComplexImageTask", "image"]
 TOKEN_TYPES = [
@@ -136,7 +136,7 @@ def test_messages_are_json_and_carry_no_key(
 
     assert isinstance(producer, Producer)
     producer.enqueue(9, "image")
-    (raw,) = redis_client.lrange(settings.queue, 0, -1)
+    (raw,) = queued_messages(redis_client, settings.queue)
     message = json.loads(raw)
     assert "application/json" == message["content-type"]
     assert [["default:9"]] == json.loads(message["body"])[0]  # args: (refs,)

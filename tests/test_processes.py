@@ -13,9 +13,9 @@ from worker.cli import main
 from worker.keys import Keys
 from worker.producer import Producer
 from worker.sandbox import Rule, Sandbox
+from worker.testing import WorkerProcesses
 
 from .conftest import CLIENT_KEY, FAST_RECOVERY, cli_env, wait_until
-from .crash_harness import _Workers
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def two_workers(env: dict[str, str], tmp_path: Path, redis_client: redis.Redis):
     config = tmp_path / "workers.toml"
     config.write_text(FAST_RECOVERY)
     environ = cli_env(env, REPORT_FORWARDER_CONFIG=str(config))
-    workers = _Workers(environ, tmp_path)
+    workers = WorkerProcesses(environ, tmp_path)
     procs = [workers.spawn(), workers.spawn()]
     yield environ, procs
     workers.stop_all()

@@ -12,6 +12,8 @@ from worker.errors import ReportError
 from worker.keys import Keys
 from worker.producer import Producer
 
+from .conftest import queue_length
+
 BAD_IDS = [0, -1, "-5", "abc", "", " ", 1.5, "1.5", True, None, 2**63, "１２"]
 
 
@@ -54,7 +56,7 @@ def test_string_digits_are_accepted_as_task_id(
     """A taskId given as a string of digits (from a CLI or CSV) is queued as that integer."""
     assert "queued" == producer.enqueue("42", "image")
     assert b"q" == redis_client.hget(keys.report("default", 42), "s")
-    assert 1 == redis_client.llen(settings.queue)
+    assert 1 == queue_length(redis_client, settings.queue)
 
 
 def test_duplicate_is_not_queued_twice(
@@ -63,7 +65,7 @@ def test_duplicate_is_not_queued_twice(
     """The same (account, taskId) while pending is a duplicate: one message only."""
     assert "queued" == producer.enqueue(7, "image")
     assert "duplicate" == producer.enqueue(7, "token")
-    assert 1 == redis_client.llen(settings.queue)
+    assert 1 == queue_length(redis_client, settings.queue)
 
 
 class CountingRedis(redis.Redis):
@@ -101,7 +103,7 @@ def test_bulk_enqueue_is_one_round_trip_per_chunk(
     )
     assert (2500, 0) == (result.queued, result.duplicates)
     assert ["EVALSHA"] * 3 == client.sent
-    assert 2501 == redis_client.llen(settings.queue)
+    assert 2501 == queue_length(redis_client, settings.queue)
 
 
 def test_bulk_refuses_invalid_items_with_their_index_and_queues_the_rest(
@@ -123,4 +125,4 @@ def test_bulk_refuses_invalid_items_with_their_index_and_queues_the_rest(
     assert "invalid taskId -1" in result.refused[0].error
     assert "unknown captchaType 'nope'" in result.refused[1].error
     assert "missing taskId" in result.refused[2].error
-    assert 3 == redis_client.llen(settings.queue)
+    assert 3 == queue_length(redis_client, settings.queue)

@@ -12,6 +12,7 @@ import structlog
 
 from worker.config import Settings
 from worker.keys import Keys
+from worker.messages import list_key
 from worker.sandbox import Rule, Sandbox
 
 from .conftest import (
@@ -19,6 +20,8 @@ from .conftest import (
     FAST_RECOVERY,
     Service,
     all_redis_bytes,
+    queue_length,
+    queued_messages,
     running_worker,
     wait_until,
 )
@@ -188,10 +191,10 @@ def test_redelivered_message_never_reports_twice(
     once."""
     service.app.control.cancel_consumer(settings.queue, reply=True)  # hold the queue
     service.producer.enqueue(11, "image")
-    (raw,) = redis_client.lrange(settings.queue, 0, -1)
-    redis_client.lpush(settings.queue, raw, raw)
+    (raw,) = queued_messages(redis_client, settings.queue)
+    redis_client.lpush(list_key(settings.queue, urgent=False), raw, raw)
     service.app.control.add_consumer(settings.queue, reply=True)
-    wait_until(lambda: redis_client.llen(settings.queue) == 0)
+    wait_until(lambda: queue_length(redis_client, settings.queue) == 0)
     wait_until(lambda: sandbox.count(task_id=11) >= 1)
     wait_until(lambda: not redis_client.hlen("unacked"))
     assert 1 == sandbox.count(task_id=11)

@@ -537,17 +537,11 @@ def accounts_list(as_json: bool) -> None:
 def accounts_resume(name: str) -> None:
     """Lift an account's pause now (after fixing its key or balance)."""
     from .ledger import Ledger
-    from .messages import template
 
     state = _state()
     state.settings.account(name)
     _logging(state.settings)
-    ledger = Ledger(
-        state.producer.client,
-        Keys(state.settings.key_prefix),
-        state.settings.queue,
-        template(state.settings.queue),
-    )
+    ledger = Ledger(state.producer.client, Keys(state.settings.key_prefix), state.settings.queue)
     if ledger.resume(name):
         get_logger("worker.cli").info("account.resumed", account=name, by="operator")
         click.echo(f"resumed {name}")

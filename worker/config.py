@@ -146,6 +146,8 @@ class Settings:
     sweep_interval_s: float
     dead_letter_max_entries: int
     dead_letter_max_age_s: int
+    ratelimit_margin_s: float
+    ratelimit_max_inline_wait_s: float
     accounts: Mapping[str, Account]
     captcha_types: CaptchaTypes
     sources: tuple[str, ...] = ()
@@ -322,6 +324,8 @@ def _build(
         sweep_interval_s=r.number("recovery.sweep_interval_s", minimum=0.05),
         dead_letter_max_entries=r.number("dead_letters.max_entries", minimum=1, integer=True),
         dead_letter_max_age_s=r.number("dead_letters.max_age_s", minimum=60, integer=True),
+        ratelimit_margin_s=r.number("ratelimit.margin_ms", minimum=0) / 1000,
+        ratelimit_max_inline_wait_s=r.number("ratelimit.max_inline_wait_s", minimum=0.1),
         accounts=accounts,
         captcha_types=captcha_types,
         sources=sources,

@@ -23,6 +23,7 @@ from . import store
 from .config import load_settings
 from .keys import Keys
 from .logs import configure as configure_logging
+from .messages import list_keys
 from .producer import Producer
 from .sandbox import Rule, Sandbox
 
@@ -71,7 +72,7 @@ def _clear_namespace(client: Any) -> None:
     keys = list(client.scan_iter(match=f"{DEMO_PREFIX}:*", count=1000))
     for start in range(0, len(keys), 1000):
         client.delete(*keys[start : start + 1000])
-    client.delete(DEMO_QUEUE)
+    client.delete(*list_keys(DEMO_QUEUE))
 
 
 def run_demo(config_path: str | None, reports: int, concurrency: int, verbose: bool) -> int:
@@ -133,7 +134,9 @@ def _script(sandbox: Sandbox, reports: int) -> list[dict[str, Any]]:
         elif roll < 0.07:
             sandbox.add_rule(Rule(task_id=task_id, http_status=503, times=1))
         elif roll < 0.08:
-            sandbox.add_rule(Rule(task_id=task_id, error_code="ERROR_TOO_MUCH_REQUESTS", times=2))
+            sandbox.add_rule(Rule(task_id=task_id, error_code="ERROR_NO_SLOT_AVAILABLE", times=2))
+        elif n == reports // 2:  # the API pushes back once: the whole account cools down 2 s
+            sandbox.add_rule(Rule(task_id=task_id, http_status=429, retry_after=2, times=1))
         account = "broke" if n % 200 == 199 else "default"
         items.append({"taskId": task_id, "captchaType": rng.choice(TYPES), "account": account})
     return items

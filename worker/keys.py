@@ -12,11 +12,12 @@ Ledger indexes (the Lua scripts in ``ledger.py`` keep them in step with the entr
 ``{p}:sched``          ZSET    ref -> when its retry is due
 ``{p}:leases``         ZSET    ref -> when its worker's lease expires (a killed worker's
                                report is re-queued after this)
-``{p}:msgs``           ZSET    message id -> sequence, for messages not yet started
+``{p}:msgs``           ZSET    message id -> sequence, for normal-list messages not yet started
+``{p}:seq``            STRING  normal-list message sequence (INCR per message pushed)
+``{p}:seen``           STRING  highest normal-list sequence a worker has started
+``{p}:umsgs``, ``{p}:useq``, ``{p}:useen``  the same for the urgent list (re-queued reports)
 ``{p}:msgrefs``        HASH    message id -> "pushed_at|ref,ref,..."
 ``{p}:suspect``        HASH    message id -> when it was first seen missing
-``{p}:seq``            STRING  message sequence (INCR per message pushed)
-``{p}:seen``           STRING  highest sequence a worker has started
 ``{p}:npending``       STRING  reports enqueued and not yet at a terminal outcome
 
 Shared:
@@ -25,8 +26,11 @@ Shared:
 ``{p}:paused``         ZSET    account -> paused until (epoch seconds)
 ``{p}:paused:{acct}``  STRING  why it was paused (JSON), expires with the pause
 ``{p}:stats:{minute}`` HASH    "outcome|kind|error_code|account" -> count, kept 2 days
+``{p}:plan:{acct}``    STRING  rate limiter: the account's next free planned slot
+``{p}:rl:{acct}``      ZSET    rate limiter: the account's admitted requests (sliding log)
+``{p}:cool:{acct}``    STRING  rate limiter: the API pushed back; no sends until this time
 
-The Celery queue is kombu's list named after the queue, with kombu's ``unacked`` hash.
+The Celery queue is two kombu lists (``messages.list_keys``), with kombu's ``unacked`` hash.
 """
 
 from __future__ import annotations
@@ -55,9 +59,32 @@ class Keys:
     def stats(self, minute: int) -> str:
         return f"{self.prefix}:stats:{minute}"
 
+    def plan(self, account: str) -> str:
+        return f"{self.prefix}:plan:{account}"
+
+    def ratelimit(self, account: str) -> str:
+        return f"{self.prefix}:rl:{account}"
+
+    def cooldown(self, account: str) -> str:
+        return f"{self.prefix}:cool:{account}"
+
 
 _SIMPLE = frozenset(
-    {"sched", "leases", "msgs", "msgrefs", "suspect", "seq", "seen", "npending", "dead", "paused"}
+    {
+        "sched",
+        "leases",
+        "msgs",
+        "umsgs",
+        "msgrefs",
+        "suspect",
+        "seq",
+        "useq",
+        "seen",
+        "useen",
+        "npending",
+        "dead",
+        "paused",
+    }
 )
 
 

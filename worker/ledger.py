@@ -3,9 +3,9 @@
 A report's life (``keys.py`` lists the keys)::
 
     enqueue ──► queued ──claim──► running ──finish──► accepted            (kept dedup_ttl_s)
-                  ▲                  │  └────finish──► dead letter         (entry deleted)
-                  │                  └─finish(retry)─► waiting ──sweep (due)──┐
-                  └──────────────────────────────────────────────────────────┘
+                  ▲                  │  ├────finish──► dead letter         (entry deleted)
+                  │                  │  └─finish(retry|defer)─► waiting ──sweep (due)──┐
+                  └──────────────────┴─────────────────────────────────────────────────┘
                   ▲   sweep: lease expired (worker killed) → queued again, or "poison"
                   └── sweep: message lost in kombu's pop window → queued again
 
@@ -15,6 +15,11 @@ that pushes the message and is cleared only at a terminal outcome, so a report c
 be found and re-queued. A message names its reports and carries an id; a worker may act on
 a report only if the report is ``queued`` *for that message id* — so a redelivered or
 duplicated message never sends a report twice, and an accepted report is never sent again.
+
+Two lists per queue (see ``messages.py``): new reports in the normal list, re-queued ones
+(retries, deferred, recovered) in the urgent list that workers drain first. Each list is
+FIFO with its own message sequence, so "a message older than one a worker has started, and
+not in kombu's unacked hash" means exactly "popped and lost".
 
 Scripts take the key prefix and build key names from it (see ``keys.py``); report keys
 are dynamic, so this layout targets a single Redis server or a replica set, not Cluster.
@@ -29,26 +34,29 @@ from typing import Any
 
 import redis
 
+from . import messages, ratelimit
 from .keys import UNACKED, Keys
 
 _COMMON = """
 local p = ARGV[1]
-local function push(refs, now, queue, tpl)
-  local seq = redis.call('INCR', p .. ':seq')
-  local id = p .. '-' .. seq
+-- push refs as one message; tag '' = normal list, 'u' = urgent list
+local function push(refs, now, tag, list, tpl)
+  local seq = redis.call('INCR', p .. ':' .. tag .. 'seq')
+  local id = p .. '-' .. tag .. seq
   local quoted = {}
   for i, r in ipairs(refs) do
-    redis.call('HSET', p .. ':r:' .. r, 's', 'q', 'm', id, 'o', seq, 'q', now)
+    redis.call('HSET', p .. ':r:' .. r, 's', 'q', 'm', id, 'q', now)
     quoted[i] = '\\\\"' .. r .. '\\\\"'
   end
   local payload = string.gsub(tpl, '@REFS@', table.concat(quoted, ','))
   payload = string.gsub(payload, '@ID@', id)
-  redis.call('LPUSH', queue, payload)
-  redis.call('ZADD', p .. ':msgs', seq, id)
+  redis.call('LPUSH', list, payload)
+  redis.call('ZADD', p .. ':' .. tag .. 'msgs', seq, id)
   redis.call('HSET', p .. ':msgrefs', id, now .. '|' .. table.concat(refs, ','))
   return id
 end
 local function count(now, field)
+  if field == '' then return end
   local key = p .. ':stats:' .. math.floor(tonumber(now) / 60)
   redis.call('HINCRBY', key, field, 1)
   redis.call('EXPIRE', key, 172800)
@@ -69,13 +77,13 @@ local function bury(ref, f, now, reason, attempts, code, http, err, maxlen, mini
 end
 """
 
-# ARGV: prefix, queue, now, template, refs per message,
+# ARGV: prefix, normal list, now, normal template, refs per message,
 #       then 6 per report: account, task_id, captcha_type, kind, deadline, dead-letter id or ''
 # Returns one flag per report: 1 queued, 0 duplicate (pending or accepted already).
 _ENQUEUE = (
     _COMMON
     + """
-local queue, now, tpl, per = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local list, now, tpl, per = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local flags, batch, added = {}, {}, 0
 for i = 6, #ARGV, 6 do
   local ref = ARGV[i] .. ':' .. ARGV[i + 1]
@@ -87,46 +95,68 @@ for i = 6, #ARGV, 6 do
       'n', 0, 'v', 0)
     batch[#batch + 1] = ref
     added = added + 1
-    if #batch >= per then push(batch, now, queue, tpl); batch = {} end
+    if #batch >= per then push(batch, now, '', list, tpl); batch = {} end
     flags[#flags + 1] = 1
   end
   if ARGV[i + 5] ~= '' then redis.call('XDEL', p .. ':dead', ARGV[i + 5]) end
 end
-if #batch > 0 then push(batch, now, queue, tpl) end
+if #batch > 0 then push(batch, now, '', list, tpl) end
 if added > 0 then redis.call('INCRBY', p .. ':npending', added) end
 return flags
 """
 )
 
-# ARGV: prefix, ref, message id, now, lease until
-# Returns {0, state} when this message may not act on the report, else
-# {1, type, kind, enqueued_at, deadline, attempts, deliveries, queued_at, paused_until}.
-_CLAIM = """
+# ARGV: prefix, ref, message id, now, lease until, then (optional) the account's limiter:
+#       slot interval, limit N, window, member
+# Returns {0, state} when this message may not act on the report, else {1, type, kind,
+# enqueued_at, deadline, attempts, deliveries, queued_at, paused_until, planned slot,
+# limiter} where limiter is '' (not asked), 'go' (admitted now), 'none' (no slot before the
+# deadline) or the time of the reserved slot.
+_CLAIM = (
+    "redis.replicate_commands()\n"
+    + ratelimit.LUA
+    + """
 local p, ref, id, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-local seq = redis.call('ZSCORE', p .. ':msgs', id)
+local tag = string.sub(id, #p + 2, #p + 2) == 'u' and 'u' or ''
+local seq = redis.call('ZSCORE', p .. ':' .. tag .. 'msgs', id)
 if seq then
   -- the message has started: it can no longer be lost between kombu's pop and record
-  redis.call('ZREM', p .. ':msgs', id)
+  redis.call('ZREM', p .. ':' .. tag .. 'msgs', id)
   redis.call('HDEL', p .. ':msgrefs', id)
   redis.call('HDEL', p .. ':suspect', id)
-  if tonumber(seq) > tonumber(redis.call('GET', p .. ':seen') or '0') then
-    redis.call('SET', p .. ':seen', seq)
+  if tonumber(seq) > tonumber(redis.call('GET', p .. ':' .. tag .. 'seen') or '0') then
+    redis.call('SET', p .. ':' .. tag .. 'seen', seq)
   end
 end
 local key = p .. ':r:' .. ref
-local f = redis.call('HMGET', key, 's', 'm', 't', 'k', 'e', 'd', 'n', 'v', 'q')
+local f = redis.call('HMGET', key, 's', 'm', 't', 'k', 'e', 'd', 'n', 'v', 'q', 'ps')
 if f[1] ~= 'q' or f[2] ~= id then return {0, f[1] or ''} end
 redis.call('HSET', key, 's', 'r')
 redis.call('ZADD', p .. ':leases', ARGV[5], ref)
 local acct = string.match(ref, '^(.*):%d+$')
 local paused = redis.call('ZSCORE', p .. ':paused', acct)
 if paused and tonumber(paused) <= now then paused = false end
-return {1, f[3], f[4], f[5], f[6], f[7], f[8], f[9], paused or ''}
+local lim = ''
+if ARGV[6] and not paused and not f[10] and now < tonumber(f[6]) then
+  local rnow = rl_now()
+  local cool = p .. ':cool:' .. acct
+  local slot = rl_plan(p .. ':plan:' .. acct, cool, tonumber(ARGV[6]), tonumber(f[6]), rnow)
+  if not slot then
+    lim = 'none'
+  elseif slot <= rnow and rl_admit(p .. ':rl:' .. acct, cool, tonumber(ARGV[7]),
+      tonumber(ARGV[8]), ARGV[9], rnow) == 0 then
+    lim = 'go'
+  else
+    lim = string.format('%.6f', slot)
+  end
+end
+return {1, f[3], f[4], f[5], f[6], f[7], f[8], f[9], paused or '', f[10] or '', lim}
 """
+)
 
-# ARGV: prefix, ref, message id, outcome (accepted|retry|dead), now, attempts, error code,
-#       http status, error text, due (retry) or reason (dead), dedup ttl, dead maxlen,
-#       dead min id, stats field (accepted|retry)
+# ARGV: prefix, ref, message id, outcome (accepted|retry|defer|dead), now, attempts,
+#       error code, http status, error text, due (retry, defer) or reason (dead), dedup ttl,
+#       dead maxlen, dead min id, stats field ('' = none), planned slot (defer)
 # Returns 1 when recorded, 0 when another delivery owns the report now (nothing changed).
 _FINISH = (
     _COMMON
@@ -148,8 +178,16 @@ if outcome == 'accepted' then
   return 1
 end
 if f[1] ~= 'r' or f[2] ~= id then return 0 end
-if outcome == 'retry' then
-  redis.call('HSET', key, 's', 'w', 'n', attempts, 'lc', code, 'lh', http, 'le', err)
+if outcome == 'retry' or outcome == 'defer' then
+  redis.call('HSET', key, 's', 'w', 'n', attempts)
+  if outcome == 'retry' then
+    redis.call('HSET', key, 'lc', code, 'lh', http, 'le', err)
+    redis.call('HDEL', key, 'ps')
+  elseif ARGV[15] ~= '' then
+    redis.call('HSET', key, 'ps', ARGV[15])
+  else
+    redis.call('HDEL', key, 'ps')
+  end
   redis.call('ZREM', p .. ':leases', ref)
   redis.call('ZADD', p .. ':sched', arg, ref)
   count(now, ARGV[14])
@@ -160,25 +198,25 @@ return 1
 """
 )
 
-# ARGV: prefix, queue, now, template, lease until, max deliveries, lost grace, limit,
-#       dead maxlen, dead min id, unacked key
+# ARGV: prefix, urgent list, now, urgent template, lease until, max deliveries, lost grace,
+#       limit, dead maxlen, dead min id, unacked key
 # Returns a flat list of events: kind, subject, detail (for logs).
 _SWEEP = (
     _COMMON
     + """
-local queue, now, tpl, limit = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[8])
+local list, now, tpl, limit = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[8])
 local events = {}
 local function event(kind, subject, detail)
   events[#events + 1] = kind; events[#events + 1] = subject; events[#events + 1] = detail
 end
--- 1. retries that are due
 local function due(key)
   return redis.call('ZRANGE', key, '-inf', now, 'BYSCORE', 'LIMIT', 0, limit)
 end
+-- 1. retries and deferred reports that are due: to the urgent list
 for _, ref in ipairs(due(p .. ':sched')) do
   redis.call('ZREM', p .. ':sched', ref)
   if redis.call('HGET', p .. ':r:' .. ref, 's') == 'w' then
-    event('requeued', ref, push({ref}, now, queue, tpl))
+    event('requeued', ref, push({ref}, now, 'u', list, tpl))
   end
 end
 -- 2. leases that expired: the worker died (or hung) mid-flight
@@ -191,34 +229,37 @@ for _, ref in ipairs(due(p .. ':leases')) do
       local f = redis.call('HMGET', key, 't', 'k', 'e', 'v', 'n')
       bury(ref, f, now, 'poison', f[5] or '0', '', '',
         'its worker was lost ' .. v .. ' times while sending it', ARGV[9], ARGV[10])
-      event('poison', ref, tostring(v))
+      event('poison', ref, v .. '|' .. (f[1] or '') .. '|' .. (f[2] or ''))
     else
-      event('lease_expired', ref, push({ref}, now, queue, tpl))
+      event('lease_expired', ref, push({ref}, now, 'u', list, tpl))
     end
   end
 end
--- 3. messages older than one a worker has started, not in kombu's unacked hash: popped
---    and lost in kombu's pop window (or restored by kombu and not yet taken again)
-local seen = redis.call('GET', p .. ':seen') or '0'
-local old = redis.call('ZRANGE', p .. ':msgs', '-inf', '(' .. seen, 'BYSCORE', 'LIMIT', 0, limit)
-for _, id in ipairs(old) do
-  if redis.call('HEXISTS', ARGV[11], id) == 1 then
-    redis.call('HDEL', p .. ':suspect', id)
-  else
-    local since = redis.call('HGET', p .. ':suspect', id)
-    if not since then
-      redis.call('HSET', p .. ':suspect', id, now)
-    elseif tonumber(now) - tonumber(since) >= tonumber(ARGV[7]) then
-      local entry = redis.call('HGET', p .. ':msgrefs', id) or ''
-      local refs = {}
-      for r in string.gmatch(string.match(entry, '|(.*)$') or '', '[^,]+') do
-        local f = redis.call('HMGET', p .. ':r:' .. r, 's', 'm')
-        if f[1] == 'q' and f[2] == id then refs[#refs + 1] = r end
-      end
-      redis.call('ZREM', p .. ':msgs', id)
-      redis.call('HDEL', p .. ':msgrefs', id)
+-- 3. per list: messages older than one a worker has started, not in kombu's unacked
+--    hash: popped and lost in kombu's pop window (or restored and not yet taken again)
+for _, tag in ipairs({'', 'u'}) do
+  local seen = redis.call('GET', p .. ':' .. tag .. 'seen') or '0'
+  local old = redis.call('ZRANGE', p .. ':' .. tag .. 'msgs', '-inf', '(' .. seen,
+    'BYSCORE', 'LIMIT', 0, limit)
+  for _, id in ipairs(old) do
+    if redis.call('HEXISTS', ARGV[11], id) == 1 then
       redis.call('HDEL', p .. ':suspect', id)
-      for _, r in ipairs(refs) do event('lost', r, push({r}, now, queue, tpl)) end
+    else
+      local since = redis.call('HGET', p .. ':suspect', id)
+      if not since then
+        redis.call('HSET', p .. ':suspect', id, now)
+      elseif tonumber(now) - tonumber(since) >= tonumber(ARGV[7]) then
+        local entry = redis.call('HGET', p .. ':msgrefs', id) or ''
+        local refs = {}
+        for r in string.gmatch(string.match(entry, '|(.*)$') or '', '[^,]+') do
+          local f = redis.call('HMGET', p .. ':r:' .. r, 's', 'm')
+          if f[1] == 'q' and f[2] == id then refs[#refs + 1] = r end
+        end
+        redis.call('ZREM', p .. ':' .. tag .. 'msgs', id)
+        redis.call('HDEL', p .. ':msgrefs', id)
+        redis.call('HDEL', p .. ':suspect', id)
+        for _, r in ipairs(refs) do event('lost', r, push({r}, now, 'u', list, tpl)) end
+      end
     end
   end
 end
@@ -261,6 +302,11 @@ class Claim:
     deliveries: int
     queued_at: float
     paused_until: float | None
+    planned_slot: float | None  # a rate-limit slot reserved before the report was deferred
+    limiter_since: float | None  # when the report first asked the limiter for that slot
+    # the limiter's answer in the claim: "" not asked, "go" admitted now, "none" no slot
+    # before the deadline, else the time of the slot reserved for it
+    limiter: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,7 +332,6 @@ class Ledger:
         client: redis.Redis,
         keys: Keys,
         queue: str,
-        template: str,
         *,
         dedup_ttl_s: int = 3600,
         dead_max_entries: int = 100_000,
@@ -295,7 +340,9 @@ class Ledger:
         self.client = client
         self.keys = keys
         self.queue = queue
-        self.template = template
+        self.urgent_list, self.normal_list = messages.list_keys(queue)
+        self.normal_template = messages.template(queue, urgent=False)
+        self.urgent_template = messages.template(queue, urgent=True)
         self.dedup_ttl_s = dedup_ttl_s
         self.dead_max_entries = dead_max_entries
         self.dead_max_age_s = dead_max_age_s
@@ -306,23 +353,33 @@ class Ledger:
         self._pause = client.register_script(_PAUSE)
         self._resume = client.register_script(_RESUME)
 
-    def enqueue_args(self, per_message: int, now: str | None = None) -> list[Any]:
-        return [self.keys.prefix, self.queue, now or _now(), self.template, per_message]
-
-    def enqueue(
-        self, rows: Sequence[Sequence[Any]], *, per_message: int = 1, pipe: Any = None
-    ) -> list[int]:
-        """Queue ``rows`` of (account, task_id, type, kind, deadline, dead-letter id or '')."""
-        args = self.enqueue_args(per_message)
+    def enqueue(self, rows: Sequence[Sequence[Any]], *, per_message: int = 1) -> list[int]:
+        """Queue ``rows`` of (account, task_id, type, kind, deadline, dead-letter id or '');
+        one flag per row: 1 queued, 0 duplicate."""
+        args: list[Any] = [
+            self.keys.prefix,
+            self.normal_list,
+            _now(),
+            self.normal_template,
+            per_message,
+        ]
         for row in rows:
             args.extend(row)
-        result = self._enqueue(args=args, client=pipe or self.client)
-        return [] if pipe is not None else [int(flag) for flag in result]
+        return [int(flag) for flag in self._enqueue(args=args)]
 
-    def claim(self, ref: str, message_id: str, lease_s: float) -> Claim | str:
-        """Take ``ref`` for this delivery; a string (its state) means: do not act on it."""
+    def claim(
+        self,
+        ref: str,
+        message_id: str,
+        lease_s: float,
+        limiter: Sequence[str | float | int] = (),
+    ) -> Claim | str:
+        """Take ``ref`` for this delivery; a string (its state) means: do not act on it.
+        With ``limiter`` (``Limiter.claim_args``) the account's rate limiter is asked in the
+        same round trip."""
         now = time.time()
-        reply = self._claim(args=[self.keys.prefix, ref, message_id, now, now + lease_s])
+        args = [self.keys.prefix, ref, message_id, now, now + lease_s, *limiter]
+        reply = self._claim(args=args)
         if int(reply[0]) == 0:
             return _text(reply[1]) or "gone"
         f = [_text(v) for v in reply[1:]]
@@ -335,6 +392,9 @@ class Ledger:
             deliveries=int(f[5] or 0),
             queued_at=float(f[6] or f[2]),
             paused_until=float(f[7]) if f[7] else None,
+            planned_slot=float(f[8].split("|")[0]) if f[8] else None,
+            limiter_since=float(f[8].split("|")[1]) if "|" in f[8] else None,
+            limiter=f[9] if len(f) > 9 else "",
         )
 
     def finish(
@@ -350,10 +410,13 @@ class Ledger:
         error: str = "",
         due: float = 0.0,
         reason: str = "",
+        planned_slot: float | None = None,
+        limiter_since: float | None = None,
     ) -> bool:
-        """Record an outcome: ``accepted``, ``retry`` (due at ``due``) or ``dead`` (``reason``)."""
+        """Record an outcome: ``accepted``, ``retry`` or ``defer`` (due at ``due``; a deferral
+        keeps its reserved ``planned_slot`` and costs no attempt) or ``dead`` (``reason``)."""
         now = time.time()
-        arg = f"{due:.6f}" if outcome == "retry" else reason
+        arg = f"{due:.6f}" if outcome in ("retry", "defer") else reason
         reply = self._finish(
             args=[
                 self.keys.prefix,
@@ -370,6 +433,9 @@ class Ledger:
                 self.dead_max_entries,
                 self._dead_min_id(now),
                 stats_field,
+                ""
+                if planned_slot is None
+                else f"{planned_slot:.6f}|{limiter_since if limiter_since else now:.6f}",
             ]
         )
         return bool(int(reply))
@@ -381,9 +447,9 @@ class Ledger:
         reply = self._sweep(
             args=[
                 self.keys.prefix,
-                self.queue,
+                self.urgent_list,
                 f"{now:.6f}",
-                self.template,
+                self.urgent_template,
                 f"{now + lease_s:.6f}",
                 max_deliveries,
                 lost_grace_s,

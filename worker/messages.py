@@ -15,9 +15,25 @@ import json
 TASK_NAME = "report_forwarder.forward"
 ID = "@ID@"
 REFS = "@REFS@"
+# kombu's Redis transport keeps one list per priority step and BRPOPs them in order, the
+# plain queue name first: urgent messages (retries, deferred and recovered reports, all
+# closer to their deadline) go there; new reports wait in the priority-9 list behind them.
+URGENT_PRIORITY = 0
+NORMAL_PRIORITY = 9
+_SEP = "\x06\x16"  # kombu.transport.redis.Channel.sep
 
 
-def template(queue: str) -> str:
+def list_key(queue: str, *, urgent: bool) -> str:
+    """The Redis list kombu reads for ``queue`` at that priority."""
+    return queue if urgent else f"{queue}{_SEP}{NORMAL_PRIORITY}"
+
+
+def list_keys(queue: str) -> tuple[str, str]:
+    """(urgent, normal) list keys of ``queue``."""
+    return list_key(queue, urgent=True), list_key(queue, urgent=False)
+
+
+def template(queue: str, *, urgent: bool = False) -> str:
     """The message for ``queue`` with ``@ID@`` and ``@REFS@`` placeholders.
 
     ``@REFS@`` stands for ``\\"acct:1\\",\\"acct:2\\"`` (the refs, JSON-quoted inside the body
@@ -44,7 +60,7 @@ def template(queue: str) -> str:
         "reply_to": "",
         "delivery_mode": 2,
         "delivery_info": {"exchange": "", "routing_key": queue},
-        "priority": 0,
+        "priority": URGENT_PRIORITY if urgent else NORMAL_PRIORITY,
         "delivery_tag": ID,
     }
     message = {

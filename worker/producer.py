@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import redis
 
-from . import messages, store
+from . import store
 from .config import Settings, load_settings
 from .errors import ReportError, StoreError
 from .keys import Keys
@@ -76,7 +76,6 @@ class Producer:
             self.client,
             Keys(settings.key_prefix),
             settings.queue,
-            messages.template(settings.queue),
             dedup_ttl_s=settings.dedup_ttl_s,
             dead_max_entries=settings.dead_letter_max_entries,
             dead_max_age_s=settings.dead_letter_max_age_s,

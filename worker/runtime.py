@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from . import messages, store
+from . import store
 from .config import Account, Settings, client_key
 from .errors import ConfigError, ReportError
 from .keys import Keys, split_ref
@@ -29,6 +29,12 @@ from .retries import Policy, Step, next_step
 from .upstream import Outcome, send_report
 
 log = get_logger("worker.runtime")
+
+# A deferred report is re-queued this long before its rate-limit slot, so that it is back in
+# a worker (through the sweep and the urgent list) in time for it.
+DEFER_LEAD_S = 0.5
+# Longest a thread waits for admission (a cool-down) before deferring the report instead.
+MAX_ADMIT_WAIT_S = 2.0
 
 
 class Runtime:
@@ -51,7 +57,6 @@ class Runtime:
             self.client,
             self.keys,
             settings.queue,
-            messages.template(settings.queue),
             dedup_ttl_s=settings.dedup_ttl_s,
             dead_max_entries=settings.dead_letter_max_entries,
             dead_max_age_s=settings.dead_letter_max_age_s,
@@ -62,7 +67,12 @@ class Runtime:
             cap_s=settings.backoff_cap_s,
             jitter=settings.backoff_jitter,
         )
-        self.limiter = Limiter(self.client, self.keys)
+        self.limiter = Limiter(
+            self.client,
+            self.keys,
+            margin_s=settings.ratelimit_margin_s,
+            max_inline_wait_s=settings.ratelimit_max_inline_wait_s,
+        )
         self._sweeper: Sweeper | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -82,7 +92,9 @@ class Runtime:
     def process(self, ref: str, message_id: str) -> str:
         """Deliver one report of message ``message_id``; returns what became of it."""
         account_name, task_id = split_ref(ref)
-        claim = self.ledger.claim(ref, message_id, self.settings.lease_s)
+        account = self.settings.accounts.get(account_name)
+        limiter_args = self.limiter.claim_args(account) if account is not None else ()
+        claim = self.ledger.claim(ref, message_id, self.settings.lease_s, limiter_args)
         if isinstance(claim, str):
             log.debug("report.skipped", task_id=task_id, account=account_name, state=claim)
             return "skipped"
@@ -95,7 +107,6 @@ class Runtime:
             "queue_ms": max(0, round((started - claim.queued_at) * 1000)),
         }
         job = _Job(ref, message_id, claim, ctx)
-        account = self.settings.accounts.get(account_name)
         if account is None:
             return self._bury(job, "rejected", "UNKNOWN_ACCOUNT", f"no account {account_name!r}")
         try:
@@ -112,7 +123,10 @@ class Runtime:
         key = self.client_keys.get(account.name)
         if key is None:
             return self._bury(job, "account_fault", "NO_CLIENT_KEY", f"{account.key_env} unset")
-        self.limiter.acquire(account)
+        waited = self._wait_for_limiter(job, account)
+        if isinstance(waited, str):
+            return waited
+        ctx["ratelimit_wait_ms"] = round(waited * 1000, 1)
         outcome = send_report(
             url,
             key,
@@ -133,10 +147,65 @@ class Runtime:
         )
         return self._record(job, account, outcome, step, attempts)
 
+    def _wait_for_limiter(self, job: _Job, account: Account) -> float | str:
+        """Hold the thread until the account's limiter admits this report (the seconds it
+        waited, counted from when the report first asked), or defer the report to its
+        slot when that is further away (then: what became of it, "deferred" or "expired")."""
+        claim = job.claim
+        asked = claim.limiter_since or time.time()
+        if claim.limiter == "go":  # planned and admitted in the claim's round trip
+            return 0.0
+        if claim.limiter == "none":
+            return self._bury(job, "expired", "", "no rate-limit slot left before the deadline")
+        if claim.limiter:
+            slot_at = float(claim.limiter)
+        elif claim.planned_slot is not None:
+            slot_at = claim.planned_slot
+        else:
+            slot = self.limiter.plan(account, claim.deadline)
+            if slot.wait_s is None:
+                return self._bury(job, "expired", "", "no rate-limit slot left before the deadline")
+            slot_at = slot.at
+        ahead = slot_at - time.time()
+        if ahead > self.limiter.max_inline_wait_s:
+            self.limiter.throttled(account, ahead)
+            return self._defer(job, due=slot_at - DEFER_LEAD_S, slot=slot_at, since=asked)
+        if ahead > 0:
+            time.sleep(ahead)
+        admitted, wait_s = self.limiter.admit(account, give_up_after_s=MAX_ADMIT_WAIT_S)
+        if not admitted:  # the account is cooling down for a while: come back then
+            return self._defer(job, due=time.time() + wait_s, slot=None, since=asked)
+        return time.time() - asked
+
+    def _defer(self, job: _Job, *, due: float, slot: float | None, since: float) -> str:
+        """Out of this worker until ``due`` (no attempt spent); keeps its reserved slot."""
+        if job.claim.deadline <= due:
+            return self._bury(
+                job, "expired", "", "the rate limit leaves no slot before the deadline"
+            )
+        if self.ledger.finish(
+            job.ref,
+            job.message_id,
+            "defer",
+            attempts=job.claim.attempts,
+            due=due,
+            planned_slot=slot,
+            limiter_since=since,
+        ):
+            log.debug("report.deferred", task_id=job.ctx["task_id"], account=job.ctx["account"],
+                      due_in_s=round(due - time.time(), 3))  # fmt: skip
+            return "deferred"
+        return self._superseded(job)
+
     def _record(
         self, job: _Job, account: Account, outcome: Outcome, step: Step, attempts: int
     ) -> str:
         ctx = job.ctx
+        if outcome.http_status == 429 or outcome.error_code == "ERROR_TOO_MUCH_REQUESTS":
+            cooling = self.limiter.cool_down(account, outcome.retry_after)
+            if cooling is not None:
+                log.warning("ratelimit.pushed_back", account=account.name,
+                            error_code=outcome.error_code, cool_down_s=cooling)  # fmt: skip
         if step.action == "accepted":
             field = f"accepted|{ctx['kind']}||{ctx['account']}"
             self.ledger.finish(

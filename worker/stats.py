@@ -13,6 +13,8 @@ import redis
 
 from .config import Settings
 from .keys import Keys
+from .messages import list_keys
+from .ratelimit import Limiter
 
 WINDOWS_MIN = (1, 5, 15)
 TERMINAL = (
@@ -47,21 +49,29 @@ def snapshot(
     """Everything ``report-forwarder stats`` shows, as one JSON-able document."""
     now = time.time() if now is None else now
     keys = Keys(settings.key_prefix)
+    limiter = Limiter(client, keys, margin_s=settings.ratelimit_margin_s)
+    urgent, normal = list_keys(settings.queue)
     pipe = client.pipeline(transaction=False)
-    pipe.llen(settings.queue)
+    pipe.llen(urgent)
+    pipe.llen(normal)
     pipe.get(keys.npending)
     pipe.zcard(keys.sched)
     pipe.zcard(keys.leases)
     pipe.zrange(keys.msgs, 0, 0)
+    pipe.zrange(keys.umsgs, 0, 0)
     pipe.xlen(keys.dead)
     pipe.zrange(keys.paused, 0, -1, withscores=True)
-    depth, npending, waiting, running, oldest, dead_total, paused = pipe.execute()
+    depth_u, depth_n, npending, waiting, running, oldest_n, oldest_u, dead_total, paused = (
+        pipe.execute()
+    )
+    depth = int(depth_u) + int(depth_n)
 
     oldest_age = None
-    if oldest:
-        entry = client.hget(keys.msgrefs, oldest[0])
+    for oldest in (oldest_n, oldest_u):
+        entry = client.hget(keys.msgrefs, oldest[0]) if oldest else None
         if entry:
-            oldest_age = max(0.0, now - float(_text(entry).split("|", 1)[0]))
+            age = max(0.0, now - float(_text(entry).split("|", 1)[0]))
+            oldest_age = age if oldest_age is None else max(oldest_age, age)
 
     rows = minute_counts(client, keys, max(WINDOWS_MIN), now)
     windows: dict[str, Any] = {}
@@ -113,7 +123,7 @@ def snapshot(
         "dead_letters": {"total": int(dead_total)},
         "paused_accounts": paused_accounts,
         "accounts": {
-            name: {"provider": a.provider.name, "rate_limit": str(a.rate_limit)}
+            name: {"provider": a.provider.name, **limiter.usage(a)}
             for name, a in settings.accounts.items()
         },
     }
