@@ -447,14 +447,16 @@ rate_limit = "10/second"
 
 
 def test_provider_profile_added_by_config_file(tmp_path: Path) -> None:
-    """A same-shape provider (Anti-Captcha) is added by configuration alone, not code."""
+    """A profile is extended (or a same-shape provider added) by configuration alone."""
     s = with_config(tmp_path, ANTI_CAPTCHA)
     anti = s.account("anti")
     resolve = s.captcha_types.resolve
 
     assert "anticaptcha" == anti.provider.name
     assert 60 == anti.deadline_s  # the provider forgets tasks sooner than the report deadline
-    assert {"ERROR_PROVIDER_BUSY": "transient"} == dict(anti.provider.error_codes)
+    assert {"ERROR_ACCOUNT_SUSPENDED": "account_fault", "ERROR_PROVIDER_BUSY": "transient"} == dict(
+        anti.provider.error_codes
+    )  # the built-in profile's codes, plus the file's
     assert "https://api.anti-captcha.com/reportIncorrectRecaptcha" == anti.endpoint_for(
         resolve("NoCaptchaTaskProxyless")
     )

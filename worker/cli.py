@@ -655,11 +655,18 @@ def _mask(key: str | None) -> str:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", "-p", type=click.IntRange(0, 65535), default=8088, show_default=True)
 @click.option("--latency-ms", type=click.FloatRange(0), default=0.0, help="Delay every answer.")
-def sandbox(host: str, port: int, latency_ms: float) -> None:
+@click.option(
+    "--profile",
+    type=click.Choice(["any", "capmonster", "anticaptcha", "twocaptcha"]),
+    default="any",
+    show_default=True,
+    help="Which API to play: its paths and error shapes.",
+)
+def sandbox(host: str, port: int, latency_ms: float, profile: str) -> None:
     """Run the local double of the captcha API's report endpoints (for tests and demos)."""
     from .sandbox import serve
 
-    serve(host, port, latency_ms=latency_ms)
+    serve(host, port, latency_ms=latency_ms, profile=profile)
 
 
 @main.group("redis")

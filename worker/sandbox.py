@@ -36,6 +36,27 @@ MAX_BODY = 64 * 1024
 MAX_HEAD = 16 * 1024
 _MAX_DISCARD = 16 * 1024 * 1024  # read and drop a refused body up to this size, then close
 _SUCCESS = b'{"errorId": 0, "status": "success"}'
+# Which API the sandbox plays: its report paths, and the numeric errorId of each error code
+# (CapMonster answers errorId 1 for every error; Anti-Captcha and 2Captcha number them).
+_NUMBERED = {
+    "ERROR_KEY_DOES_NOT_EXIST": 1, "ERROR_NO_SLOT_AVAILABLE": 2, "ERROR_ZERO_BALANCE": 10,
+    "ERROR_IP_NOT_ALLOWED": 11, "ERROR_CAPTCHA_UNSOLVABLE": 12, "ERROR_NO_SUCH_METHOD": 14,
+    "ERROR_NO_SUCH_CAPCHA_ID": 16, "ERROR_IP_BLOCKED": 21, "ERROR_TOO_MUCH_REQUESTS": 29,
+}  # fmt: skip
+PROFILES: dict[str, tuple[frozenset[str], dict[str, int]]] = {
+    "any": (REPORT_PATHS, {}),
+    "capmonster": (
+        frozenset({"/reportIncorrectImageCaptcha", "/reportIncorrectTokenCaptcha",
+                   "/reportIncorrectRecaptcha", "/reportIncorrectHcaptcha"}),
+        {},
+    ),
+    "anticaptcha": (
+        frozenset({"/reportIncorrectImageCaptcha", "/reportIncorrectRecaptcha",
+                   "/reportIncorrectHcaptcha"}),
+        _NUMBERED,
+    ),
+    "twocaptcha": (frozenset({"/reportIncorrect"}), _NUMBERED),
+}  # fmt: skip
 _DESCRIPTIONS = {
     "ERROR_KEY_DOES_NOT_EXIST": "Account authorization key not found in the system",
     "ERROR_NO_SUCH_CAPCHA_ID": "Captcha with such ID was not found in the system",
@@ -145,17 +166,21 @@ def _json_answer(status: int, payload: object) -> _Answer:
     return _Answer(status, json.dumps(payload).encode(), outcome=f"http_{status}")
 
 
-def _error_answer(status: int, code: str) -> _Answer:
+def _error_answer(status: int, code: str, ids: dict[str, int] | None = None) -> _Answer:
     description = _DESCRIPTIONS.get(code, "Scripted error from the report-forwarder sandbox")
-    payload = {"errorId": 1, "errorCode": code, "errorDescription": description}
+    payload = {
+        "errorId": (ids or {}).get(code, 1),
+        "errorCode": code,
+        "errorDescription": description,
+    }
     return _Answer(status, json.dumps(payload).encode(), error_code=code, outcome=code)
 
 
-def _rule_answer(rule: Rule) -> _Answer:
+def _rule_answer(rule: Rule, ids: dict[str, int]) -> _Answer:
     if rule.drop:
         return _Answer(0, b"", drop=True, outcome="dropped")
     if rule.error_code is not None:
-        answer = _error_answer(rule.http_status, rule.error_code)
+        answer = _error_answer(rule.http_status, rule.error_code, ids)
     elif rule.body is not None:
         answer = _Answer(rule.http_status, rule.body.encode(), "text/html")
         answer.outcome = f"http_{rule.http_status}"
@@ -370,7 +395,12 @@ class Sandbox:
         *,
         keys: Iterable[str] | None = None,
         latency_ms: float = 0.0,
+        profile: str = "any",
     ) -> None:
+        if profile not in PROFILES:
+            raise ValueError(f"unknown sandbox profile {profile!r}; known: {', '.join(PROFILES)}")
+        self.profile = profile
+        self._paths, self._error_ids = PROFILES[profile]
         self.host = host
         self._requested_port = port
         self._keys = frozenset(keys) if keys is not None else None
@@ -558,7 +588,7 @@ class Sandbox:
         rule: Rule | None = None
         with self._lock:
             latency_ms = self._state.latency_ms
-            if path in REPORT_PATHS and method == "POST":
+            if path in self._paths and method == "POST":
                 for scripted in self._state.rules:
                     limit = scripted.rule.times
                     if (limit is None or scripted.used < limit) and scripted.rule.matches(
@@ -567,17 +597,18 @@ class Sandbox:
                         scripted.used += 1
                         rule = scripted.rule
                         break
-        if path not in REPORT_PATHS:
-            answer = _error_answer(404, "ERROR_NO_SUCH_METHOD")
+        ids = self._error_ids
+        if path not in self._paths:
+            answer = _error_answer(404, "ERROR_NO_SUCH_METHOD", ids)
         elif method != "POST":
-            answer = _error_answer(405, "ERROR_NO_SUCH_METHOD")
+            answer = _error_answer(405, "ERROR_NO_SUCH_METHOD", ids)
         elif rule is not None:
-            answer = _rule_answer(rule)
+            answer = _rule_answer(rule, ids)
             latency_ms += rule.latency_ms
         elif not key or (self._keys is not None and key not in self._keys):
-            answer = _error_answer(200, "ERROR_KEY_DOES_NOT_EXIST")
+            answer = _error_answer(200, "ERROR_KEY_DOES_NOT_EXIST", ids)
         elif task_id is None:
-            answer = _error_answer(200, "ERROR_NO_SUCH_CAPCHA_ID")
+            answer = _error_answer(200, "ERROR_NO_SUCH_CAPCHA_ID", ids)
         else:
             answer = _Answer(200, _SUCCESS)
         answer.delay_s = latency_ms / 1000
@@ -614,9 +645,14 @@ class Sandbox:
 
 
 def serve(
-    host: str, port: int, *, latency_ms: float = 0.0, keys: Iterable[str] | None = None
+    host: str,
+    port: int,
+    *,
+    latency_ms: float = 0.0,
+    keys: Iterable[str] | None = None,
+    profile: str = "any",
 ) -> None:
     """Run a sandbox in the foreground until SIGINT/SIGTERM (``report-forwarder sandbox``)."""
-    sandbox = Sandbox(host, port, keys=keys, latency_ms=latency_ms)
+    sandbox = Sandbox(host, port, keys=keys, latency_ms=latency_ms, profile=profile)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(sandbox.serve_until_signal())
