@@ -115,9 +115,17 @@ def _logging(settings: Settings, level: str | None = None, *, cache: bool = Fals
 @main.command()
 @click.option("--concurrency", "-c", type=click.IntRange(1, 1024), help="Threads (default 16).")
 @click.option("--hostname", "-n", help="Celery node name (default report-forwarder-PID@host).")
-def worker(concurrency: int | None, hostname: str | None) -> None:
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    help="Serve Prometheus /metrics on this port (0: off).",
+)
+@click.option("--events", is_flag=True, help="Send Celery task events (for Flower).")
+def worker(concurrency: int | None, hostname: str | None, metrics_port: int, events: bool) -> None:
     """Run a worker: deliver queued reports until stopped (SIGTERM: finish in-flight ones)."""
     from .celery_app import create_app, worker_options
+    from .metrics import Metrics
     from .runtime import Runtime
 
     settings = _state().settings
@@ -126,8 +134,15 @@ def worker(concurrency: int | None, hostname: str | None) -> None:
     # We keep running tasks through a broker reconnect on purpose (the ledger re-queues
     # whatever cannot be acked); Celery warns about that default on every reconnect.
     warnings.filterwarnings("ignore", message=r"(?s).*worker_cancel_long_running_tasks")
-    runtime = Runtime(settings, store.resolve_url(settings))
+    metrics = Metrics()
+    runtime = Runtime(settings, store.resolve_url(settings), metrics=metrics)
+    if metrics_port:
+        metrics.watch(runtime.client, settings)
+        metrics.serve(metrics_port)
     app = create_app(runtime)
+    if events:
+        app.conf.worker_send_task_events = True
+        app.conf.task_send_sent_event = True
     options = worker_options(settings.queue, concurrency or settings.concurrency)
     node = hostname or f"report-forwarder-{os.getpid()}@{socket.gethostname()}"
     celery_worker = app.Worker(
@@ -135,7 +150,7 @@ def worker(concurrency: int | None, hostname: str | None) -> None:
         quiet=True,
         without_mingle=True,
         without_gossip=True,
-        without_heartbeat=True,
+        without_heartbeat=not events,
         loglevel="WARNING",
         **options,
     )
@@ -144,6 +159,7 @@ def worker(concurrency: int | None, hostname: str | None) -> None:
         node=node,
         queue=settings.queue,
         concurrency=options["concurrency"],
+        metrics_port=metrics_port or None,
         redis=store.describe(runtime.redis_url),
         accounts=sorted(settings.accounts),
     )
@@ -477,7 +493,7 @@ def dl_purge(
     """Delete dead letters for good."""
     store_ = _dead()
     letters = store_.select(ids, _make_filters(reason, ctype, account, since), everything)
-    click.echo(f"purged {store_.purge(letters)}")
+    click.echo(f"purged {store_.purge(_state().producer.ledger, letters)}")
 
 
 @dead_letters.command("export")
@@ -574,19 +590,48 @@ def stats(as_json: bool, watch: bool) -> None:
         time.sleep(1)
 
 
+_BARS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[int]) -> str:
+    """One character per value, scaled to the largest (blank where zero)."""
+    top = max(values, default=0)
+    if top == 0:
+        return " " * len(values)
+    return "".join(" " if v == 0 else _BARS[min(7, (v * 8 - 1) // top)] for v in values)
+
+
 def _render_stats(snap: dict[str, Any]) -> str:
     b = snap["backlog"]
     oldest = b["oldest_queued_age_s"]
+    spark = snap.get("per_second_last_60s", [])
     lines = [
+        time.strftime("report-forwarder stats  %Y-%m-%d %H:%M:%S UTC", time.gmtime(snap["at"])),
         f"queue {snap['queue']}: {b['pending_reports']} pending "
         f"({b['queue_depth']} messages queued, {b['in_flight']} in flight, "
-        f"{b['waiting_retry']} waiting to retry); oldest queued "
+        f"{b['waiting_retry']} waiting to retry or for their slot); oldest queued "
         + ("-" if oldest is None else f"{oldest:.1f} s"),
+        f"outcomes/s, last 60 s: [{sparkline(spark)}] now {spark[-1] if spark else 0}/s, "
+        f"peak {max(spark, default=0)}/s",
     ]
     for window, data in snap["throughput"].items():
         outcomes = ", ".join(f"{k} {v}" for k, v in sorted(data["by_outcome"].items())) or "-"
         lines.append(f"last {window:>3}: {data['per_second']:8.2f}/s  {outcomes}")
-    lines.append(f"dead letters: {snap['dead_letters']['total']}")
+        for kind, by in sorted(data["by_kind"].items()):
+            if kind and window == "1m":
+                detail = ", ".join(f"{k} {v}" for k, v in sorted(by.items()))
+                lines.append(f"          {kind:>6}: {detail}")
+    dead = snap["dead_letters"]
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(dead["by_reason"].items()))
+    lines.append(f"dead letters: {dead['total']}" + (f" ({reasons})" if reasons else ""))
+    for name, info in sorted(snap["accounts"].items()):
+        state = ""
+        if info.get("cooling_down_s"):
+            state = f", cooling down {info['cooling_down_s']:.1f} s"
+        lines.append(
+            f"account {name} ({info['provider']}): limit {info['rate_limit']}, "
+            f"{info['used_in_window']} used in the last window ({info['usage']:.0%}){state}"
+        )
     for p in snap["paused_accounts"]:
         lines.append(f"PAUSED {p['account']}: {p['error_code']} ({p['remaining_s']:.0f} s left)")
     return "\n".join(lines)

@@ -20,6 +20,7 @@ import redis
 
 from .errors import ReportError
 from .keys import Keys
+from .ledger import Ledger
 from .producer import Producer
 
 REASONS = (
@@ -93,6 +94,10 @@ def check_reason(reason: str | None) -> str | None:
     return reason
 
 
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _decode(entry_id: Any, fields: dict[Any, Any]) -> DeadLetter:
     f = {k.decode(): v.decode() for k, v in fields.items()}
 
@@ -119,6 +124,7 @@ def _decode(entry_id: Any, fields: dict[Any, Any]) -> DeadLetter:
 class DeadLetters:
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self.client = client
+        self.keys = keys
         self.key = keys.dead
 
     def count(self) -> int:
@@ -179,12 +185,13 @@ class DeadLetters:
             )
         return list(self.iter(filters, newest_first=False))
 
-    def purge(self, letters: Sequence[DeadLetter]) -> int:
-        removed = 0
-        for start in range(0, len(letters), _PAGE):
-            batch = [letter.id for letter in letters[start : start + _PAGE]]
-            removed += int(self.client.xdel(self.key, *batch))
-        return removed
+    def by_reason(self) -> dict[str, int]:
+        """Dead letters in the stream per reason."""
+        counts: dict[Any, Any] = self.client.hgetall(self.keys.deadcount)
+        return {_str(k): int(v) for k, v in counts.items() if int(v) > 0}
+
+    def purge(self, ledger: Ledger, letters: Sequence[DeadLetter]) -> int:
+        return ledger.drop_dead([letter.id for letter in letters])
 
 
 @dataclass(slots=True)

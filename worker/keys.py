@@ -23,6 +23,8 @@ Ledger indexes (the Lua scripts in ``ledger.py`` keep them in step with the entr
 Shared:
 
 ``{p}:dead``           STREAM  dead letters, capped in length and age
+``{p}:deadcount``      HASH    reason -> dead letters in the stream (kept exact by the scripts)
+``{p}:tput:{second}``  STRING  terminal outcomes in that second (kept 3 minutes)
 ``{p}:paused``         ZSET    account -> paused until (epoch seconds)
 ``{p}:paused:{acct}``  STRING  why it was paused (JSON), expires with the pause
 ``{p}:stats:{minute}`` HASH    "outcome|kind|error_code|account" -> count, kept 2 days
@@ -48,16 +50,70 @@ class Keys:
     def report(self, account: str, task_id: int) -> str:
         return f"{self.prefix}:r:{account}:{task_id}"
 
-    def __getattr__(self, name: str) -> str:
-        if name in _SIMPLE:
-            return f"{self.prefix}:{name}"
-        raise AttributeError(name)
+    @property
+    def sched(self) -> str:
+        return f"{self.prefix}:sched"
+
+    @property
+    def leases(self) -> str:
+        return f"{self.prefix}:leases"
+
+    @property
+    def msgs(self) -> str:
+        return f"{self.prefix}:msgs"
+
+    @property
+    def umsgs(self) -> str:
+        return f"{self.prefix}:umsgs"
+
+    @property
+    def msgrefs(self) -> str:
+        return f"{self.prefix}:msgrefs"
+
+    @property
+    def suspect(self) -> str:
+        return f"{self.prefix}:suspect"
+
+    @property
+    def seq(self) -> str:
+        return f"{self.prefix}:seq"
+
+    @property
+    def useq(self) -> str:
+        return f"{self.prefix}:useq"
+
+    @property
+    def seen(self) -> str:
+        return f"{self.prefix}:seen"
+
+    @property
+    def useen(self) -> str:
+        return f"{self.prefix}:useen"
+
+    @property
+    def npending(self) -> str:
+        return f"{self.prefix}:npending"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}:dead"
+
+    @property
+    def deadcount(self) -> str:
+        return f"{self.prefix}:deadcount"
+
+    @property
+    def paused(self) -> str:
+        return f"{self.prefix}:paused"
 
     def paused_reason(self, account: str) -> str:
         return f"{self.prefix}:paused:{account}"
 
     def stats(self, minute: int) -> str:
         return f"{self.prefix}:stats:{minute}"
+
+    def throughput(self, second: int) -> str:
+        return f"{self.prefix}:tput:{second}"
 
     def plan(self, account: str) -> str:
         return f"{self.prefix}:plan:{account}"
@@ -67,25 +123,6 @@ class Keys:
 
     def cooldown(self, account: str) -> str:
         return f"{self.prefix}:cool:{account}"
-
-
-_SIMPLE = frozenset(
-    {
-        "sched",
-        "leases",
-        "msgs",
-        "umsgs",
-        "msgrefs",
-        "suspect",
-        "seq",
-        "useq",
-        "seen",
-        "useen",
-        "npending",
-        "dead",
-        "paused",
-    }
-)
 
 
 def ref(account: str, task_id: int) -> str:

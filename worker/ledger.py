@@ -60,15 +60,45 @@ local function count(now, field)
   local key = p .. ':stats:' .. math.floor(tonumber(now) / 60)
   redis.call('HINCRBY', key, field, 1)
   redis.call('EXPIRE', key, 172800)
+  local outcome = string.match(field, '^([^|]*)')
+  if outcome ~= 'retrying' and outcome ~= 'duplicate' then
+    -- terminal outcomes per second, for the live view's sparkline
+    local tput = p .. ':tput:' .. math.floor(tonumber(now))
+    redis.call('INCR', tput)
+    redis.call('EXPIRE', tput, 180)
+  end
+end
+-- remove one dead letter (entry = {id, fields}) keeping the per-reason counts exact
+local function drop_dead(entry)
+  local f = entry[2]
+  for i = 1, #f, 2 do
+    if f[i] == 'reason' then redis.call('HINCRBY', p .. ':deadcount', f[i + 1], -1) end
+  end
+  redis.call('XDEL', p .. ':dead', entry[1])
+end
+local function drop_dead_id(id)
+  for _, e in ipairs(redis.call('XRANGE', p .. ':dead', id, id)) do drop_dead(e) end
+end
+-- cap the stream in length and in age, a bounded number of entries per call
+local function trim_dead(maxlen, minid)
+  local excess = redis.call('XLEN', p .. ':dead') - tonumber(maxlen)
+  if excess > 0 then
+    local old = redis.call('XRANGE', p .. ':dead', '-', '+', 'COUNT', math.min(excess, 100))
+    for _, e in ipairs(old) do drop_dead(e) end
+  end
+  for _, e in ipairs(redis.call('XRANGE', p .. ':dead', '-', '(' .. minid, 'COUNT', 100)) do
+    drop_dead(e)
+  end
 end
 local function bury(ref, f, now, reason, attempts, code, http, err, maxlen, minid)
   -- f = HMGET of t, k, e, v
   local acct, tid = string.match(ref, '^(.*):(%d+)$')
-  redis.call('XADD', p .. ':dead', 'MAXLEN', '~', maxlen, '*',
+  redis.call('XADD', p .. ':dead', '*',
     'task_id', tid, 'account', acct, 'captcha_type', f[1] or '', 'kind', f[2] or '',
     'reason', reason, 'error_code', code, 'http_status', http, 'attempts', attempts,
     'deliveries', f[4] or '0', 'enqueued_at', f[3] or '', 'failed_at', now, 'error', err)
-  redis.call('XTRIM', p .. ':dead', 'MINID', '~', minid)
+  redis.call('HINCRBY', p .. ':deadcount', reason, 1)
+  trim_dead(maxlen, minid)
   redis.call('DEL', p .. ':r:' .. ref)
   redis.call('ZREM', p .. ':leases', ref)
   redis.call('ZREM', p .. ':sched', ref)
@@ -90,6 +120,7 @@ for i = 6, #ARGV, 6 do
   local key = p .. ':r:' .. ref
   if redis.call('EXISTS', key) == 1 then
     flags[#flags + 1] = 0
+    count(now, 'duplicate|' .. ARGV[i + 3] .. '||' .. ARGV[i])
   else
     redis.call('HSET', key, 't', ARGV[i + 2], 'k', ARGV[i + 3], 'e', now, 'd', ARGV[i + 4],
       'n', 0, 'v', 0)
@@ -98,7 +129,7 @@ for i = 6, #ARGV, 6 do
     if #batch >= per then push(batch, now, '', list, tpl); batch = {} end
     flags[#flags + 1] = 1
   end
-  if ARGV[i + 5] ~= '' then redis.call('XDEL', p .. ':dead', ARGV[i + 5]) end
+  if ARGV[i + 5] ~= '' then drop_dead_id(ARGV[i + 5]) end
 end
 if #batch > 0 then push(batch, now, '', list, tpl) end
 if added > 0 then redis.call('INCRBY', p .. ':npending', added) end
@@ -282,6 +313,21 @@ redis.call('SET', p .. ':paused:' .. acct, ARGV[5], 'EX', ARGV[6])
 return 1
 """
 
+# ARGV: prefix, then dead-letter ids. Returns how many were removed.
+_DROP_DEAD = (
+    _COMMON
+    + """
+local removed = 0
+for i = 2, #ARGV do
+  for _, e in ipairs(redis.call('XRANGE', p .. ':dead', ARGV[i], ARGV[i])) do
+    drop_dead(e)
+    removed = removed + 1
+  end
+end
+return removed
+"""
+)
+
 # ARGV: prefix, account. Returns 1 if it was paused.
 _RESUME = """
 local p, acct = ARGV[1], ARGV[2]
@@ -352,6 +398,7 @@ class Ledger:
         self._sweep = client.register_script(_SWEEP)
         self._pause = client.register_script(_PAUSE)
         self._resume = client.register_script(_RESUME)
+        self._drop_dead = client.register_script(_DROP_DEAD)
 
     def enqueue(self, rows: Sequence[Sequence[Any]], *, per_message: int = 1) -> list[int]:
         """Queue ``rows`` of (account, task_id, type, kind, deadline, dead-letter id or '');
@@ -472,6 +519,13 @@ class Ledger:
     def resume(self, account: str) -> bool:
         """Lift a pause early; False if ``account`` was not paused."""
         return bool(int(self._resume(args=[self.keys.prefix, account])))
+
+    def drop_dead(self, ids: Sequence[str]) -> int:
+        """Delete dead letters by id (per-reason counts kept exact); how many there were."""
+        removed = 0
+        for start in range(0, len(ids), 500):
+            removed += int(self._drop_dead(args=[self.keys.prefix, *ids[start : start + 500]]))
+        return removed
 
     def _dead_min_id(self, now: float) -> str:
         return f"{int((now - self.dead_max_age_s) * 1000)}-0"

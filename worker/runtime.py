@@ -24,6 +24,7 @@ from .errors import ConfigError, ReportError
 from .keys import Keys, split_ref
 from .ledger import Claim, Ledger, SweepEvent
 from .logs import get_logger, register_secret
+from .metrics import Metrics
 from .ratelimit import Limiter
 from .retries import Policy, Step, next_step
 from .upstream import Outcome, send_report
@@ -47,8 +48,10 @@ class Runtime:
         environ: Mapping[str, str] | None = None,
         *,
         client: redis.Redis | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.redis_url = redis_url
         self.client = client or store.connect(redis_url)
         self.keys = Keys(settings.key_prefix)
@@ -99,6 +102,7 @@ class Runtime:
             log.debug("report.skipped", task_id=task_id, account=account_name, state=claim)
             return "skipped"
         started = time.time()
+        self.metrics.queue_seconds.observe(max(0.0, started - claim.queued_at))
         ctx: dict[str, Any] = {
             "task_id": task_id,
             "captcha_type": claim.captcha_type,
@@ -127,6 +131,7 @@ class Runtime:
         if isinstance(waited, str):
             return waited
         ctx["ratelimit_wait_ms"] = round(waited * 1000, 1)
+        self.metrics.ratelimit_wait_seconds.labels(account.name).observe(waited)
         outcome = send_report(
             url,
             key,
@@ -135,6 +140,7 @@ class Runtime:
             read_timeout_s=self.settings.read_timeout_s,
             error_codes=account.provider.error_codes,
         )
+        self.metrics.request_seconds.labels(claim.kind).observe(outcome.duration_s)
         attempts = claim.attempts + 1
         step = next_step(
             outcome, attempts=attempts, deadline=claim.deadline, now=time.time(), policy=self.policy
@@ -212,6 +218,7 @@ class Runtime:
                 job.ref, job.message_id, "accepted", attempts=attempts, stats_field=field
             )
             log.info("report.accepted", **ctx)
+            self.metrics.outcome("accepted", claim_kind(ctx), None)
             return "accepted"
         if step.action == "retry":
             field = f"retrying|{ctx['kind']}|{outcome.error_code}|{ctx['account']}"
@@ -264,6 +271,7 @@ class Runtime:
         ):
             job.ctx.setdefault("error_code", error_code or None)
             log.warning("report.dead_lettered", **job.ctx, reason=reason, error=error)
+            self.metrics.outcome(reason, claim_kind(job.ctx), error_code)
             return reason
         return self._superseded(job)
 
@@ -299,6 +307,9 @@ class Runtime:
         )
         for event in events:
             _log_sweep_event(event)
+            if event.kind == "poison":
+                kind = ([*event.detail.split("|"), "", "", ""])[2]
+                self.metrics.outcome("poison", kind, None)
         return events
 
 
@@ -310,6 +321,10 @@ class _Job:
         self.message_id = message_id
         self.claim = claim
         self.ctx = ctx
+
+
+def claim_kind(ctx: dict[str, Any]) -> str:
+    return str(ctx.get("kind") or "")
 
 
 def _log_sweep_event(event: SweepEvent) -> None:

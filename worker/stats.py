@@ -17,6 +17,7 @@ from .messages import list_keys
 from .ratelimit import Limiter
 
 WINDOWS_MIN = (1, 5, 15)
+SPARK_SECONDS = 60
 TERMINAL = (
     "accepted",
     "rejected",
@@ -61,9 +62,12 @@ def snapshot(
     pipe.zrange(keys.umsgs, 0, 0)
     pipe.xlen(keys.dead)
     pipe.zrange(keys.paused, 0, -1, withscores=True)
-    depth_u, depth_n, npending, waiting, running, oldest_n, oldest_u, dead_total, paused = (
-        pipe.execute()
-    )
+    pipe.hgetall(keys.deadcount)
+    second = int(now)
+    for sec in range(second - SPARK_SECONDS, second):
+        pipe.get(keys.throughput(sec))
+    (depth_u, depth_n, npending, waiting, running, oldest_n, oldest_u, dead_total, paused,
+     dead_by_reason, *per_second) = pipe.execute()  # fmt: skip
     depth = int(depth_u) + int(depth_n)
 
     oldest_age = None
@@ -120,7 +124,11 @@ def snapshot(
             "oldest_queued_age_s": None if oldest_age is None else round(oldest_age, 3),
         },
         "throughput": windows,
-        "dead_letters": {"total": int(dead_total)},
+        "dead_letters": {
+            "total": int(dead_total),
+            "by_reason": {_text(k): int(v) for k, v in dead_by_reason.items() if int(v) > 0},
+        },
+        "per_second_last_60s": [int(v or 0) for v in per_second],
         "paused_accounts": paused_accounts,
         "accounts": {
             name: {"provider": a.provider.name, **limiter.usage(a)}
