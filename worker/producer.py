@@ -8,6 +8,7 @@ what was wrong and what is accepted. A report already pending or accepted for th
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -123,10 +124,9 @@ class Producer:
         queued = sum(flags)
         result.queued += queued
         result.duplicates += len(flags) - queued
-        if queued != len(flags):
+        if queued != len(flags) or log.isEnabledFor(logging.DEBUG):
             for row, flag in zip(rows, flags, strict=True):
-                if not flag:
-                    self._note(row, 0)
+                self._note(row, flag)
 
     def _run(self, rows: list[list[Any]], per_message: int = 1) -> list[int]:
         try:
@@ -136,11 +136,11 @@ class Producer:
 
     @staticmethod
     def _note(row: list[Any], flag: int) -> Result:
+        fields = {"task_id": row[1], "captcha_type": row[2], "kind": row[3], "account": row[0]}
         if flag:
+            log.debug("report.enqueued", **fields)
             return "queued"
-        log.info(
-            "report.duplicate", task_id=row[1], captcha_type=row[2], kind=row[3], account=row[0]
-        )
+        log.info("report.duplicate", **fields)
         return "duplicate"
 
 

@@ -236,6 +236,7 @@ class Runtime:
                 log.info(
                     "report.retrying", **ctx, delay_s=round(step.delay_s, 2), error=outcome.detail
                 )
+                self.metrics.outcome("retrying", claim_kind(ctx), outcome.error_code)
                 return "retrying"
             return self._superseded(job)
         if step.pause_account:
@@ -363,18 +364,24 @@ class Sweeper(threading.Thread):
     def run(self) -> None:
         interval = self.runtime.settings.sweep_interval_s
         while not self._stop_event.wait(interval):
-            try:
-                while len(self.runtime.sweep_once()) >= 500 and not self._stop_event.is_set():
-                    pass  # a full batch: more may be due right now
-            except Exception as exc:
-                now = time.monotonic()
-                if now - self._last_error > 30:
-                    log.warning(
-                        "sweeper.failed",
-                        error=f"{type(exc).__name__}: {exc}",
-                        exc_info=not isinstance(exc, redis.RedisError),
-                    )
-                    self._last_error = now
+            while self.run_once() >= 500 and not self._stop_event.is_set():
+                pass  # a full batch: more may be due right now
+
+    def run_once(self) -> int:
+        """One sweep; never raises (the sweeper must outlive any one failure, which is
+        logged at most every 30 s)."""
+        try:
+            return len(self.runtime.sweep_once())
+        except Exception as exc:
+            now = time.monotonic()
+            if now - self._last_error > 30:
+                log.warning(
+                    "sweeper.failed",
+                    error=f"{type(exc).__name__}: {exc}",
+                    exc_info=not isinstance(exc, redis.RedisError),
+                )
+                self._last_error = now
+            return 0
 
     def stop(self) -> None:
         self._stop_event.set()
