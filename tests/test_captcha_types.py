@@ -96,9 +96,21 @@ def test_names_lists_every_documented_name(types: CaptchaTypes) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["ImageToText", "RecaptchaV4Task", "", "   ", "image token", "Image-To-Text-Task", None, 42,
-     3.5, b"image", ["image"], {"type": "image"}],
-)  # fmt: skip
+    [
+        "ImageToText",
+        "RecaptchaV4Task",
+        "",
+        "   ",
+        "image token",
+        "Image-To-Text-Task",
+        None,
+        42,
+        3.5,
+        b"image",
+        ["image"],
+        {"type": "image"},
+    ],
+)
 def test_unknown_name_refused_with_accepted_names(types: CaptchaTypes, name: object) -> None:
     """An unknown name, None or a non-string raises ReportError quoting it and listing the names."""
     with pytest.raises(ReportError) as info:

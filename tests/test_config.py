@@ -294,9 +294,22 @@ def test_rate_limit_parse_accepted_forms(text: str, amount: int, period_s: float
 
 @pytest.mark.parametrize(
     "text",
-    ["", "50", "fast", "0/second", "-1/second", "1.5/second", "50/fortnight", "50/", "/second",
-     "50//second", "fifty/second", "50/second/extra", "50/1.5s"],
-)  # fmt: skip
+    [
+        "",
+        "50",
+        "fast",
+        "0/second",
+        "-1/second",
+        "1.5/second",
+        "50/fortnight",
+        "50/",
+        "/second",
+        "50//second",
+        "fifty/second",
+        "50/second/extra",
+        "50/1.5s",
+    ],
+)
 def test_rate_limit_parse_refused_forms(text: str) -> None:
     """Anything that is not a positive 'N/period' is refused with a message quoting it."""
     with pytest.raises(ValueError, match="not a rate limit") as info:

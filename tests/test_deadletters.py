@@ -43,11 +43,22 @@ def test_list_json_rows_carry_the_documented_fields(
     rows = doc["dead_letters"]
     assert 3 == len(rows)
     for row in rows:
-        assert {"task_id", "captcha_type", "account", "reason", "error_code", "http_status",
-                "attempts"} <= set(row)  # fmt: skip
+        assert {
+            "task_id",
+            "captcha_type",
+            "account",
+            "reason",
+            "error_code",
+            "http_status",
+            "attempts",
+        } <= set(row)
         assert ("rejected", "ERROR_NO_SUCH_CAPCHA_ID", 200, 1, "default") == (
-            row["reason"], row["error_code"], row["http_status"], row["attempts"], row["account"]
-        )  # fmt: skip
+            row["reason"],
+            row["error_code"],
+            row["http_status"],
+            row["attempts"],
+            row["account"],
+        )
     order = [tuple(int(part) for part in row["id"].split("-")) for row in rows]
     assert sorted(order, reverse=True) == order  # newest dead-lettered first
 

@@ -88,8 +88,11 @@ def test_report_whose_worker_keeps_dying_becomes_poison(
     assert ["lease_expired", "lease_expired", "poison"] == kinds
     ((_, fields),) = redis_client.xrange(keys.dead)
     assert (b"7", b"poison", b"HCaptchaTask", b"3") == (
-        fields[b"task_id"], fields[b"reason"], fields[b"captcha_type"], fields[b"deliveries"]
-    )  # fmt: skip
+        fields[b"task_id"],
+        fields[b"reason"],
+        fields[b"captcha_type"],
+        fields[b"deliveries"],
+    )
     assert 0 == redis_client.exists(keys.report("default", 7))
     assert 0 == int(redis_client.get(keys.npending) or 0)
 

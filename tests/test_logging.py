@@ -78,8 +78,9 @@ def test_every_documented_event_is_produced(
             svc.producer.enqueue(50, "image", "slow")
             wait_until(lambda: redis_client.zscore(keys.paused, "slow") is not None)
             assert svc.runtime.resume("slow")
-            svc.producer.enqueue_many([(51, "image", "slow"), (52, "image", "slow"),
-                                       (53, "image", "slow")])  # fmt: skip
+            svc.producer.enqueue_many(
+                [(51, "image", "slow"), (52, "image", "slow"), (53, "image", "slow")]
+            )
             wait_until(lambda: sandbox.count(task_id=53) == 1, timeout=15)
             # a worker lost mid-flight: its lease runs out and the sweeper re-queues
             svc.app.control.cancel_consumer(settings.queue, reply=True)
@@ -107,9 +108,11 @@ def test_every_documented_event_is_produced(
     produced = {x["event"] for x in lines} | {x["event"] for x in started}
     assert set() == documented_events() - produced
     assert {"accepted", "rejected", "account_fault"} <= {
-        x.get("reason", "accepted") for x in lines if x["event"].startswith("report.")
+        x.get("reason", "accepted")
+        for x in lines
+        if x["event"].startswith("report.")
         and x["event"] in ("report.accepted", "report.dead_lettered")
-    }  # fmt: skip
+    }
     assert CLIENT_KEY not in json.dumps(lines, default=str)
 
 

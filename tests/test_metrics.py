@@ -55,8 +55,9 @@ def test_outcome_counters_and_histograms_after_real_outcomes(
     metrics, _, producer = metered
     sandbox.add_rule(Rule(task_id=4, error_code="ERROR_NO_SUCH_CAPCHA_ID"))
     sandbox.add_rule(Rule(task_id=5, http_status=503, times=1))
-    producer.enqueue_many([(1, "image"), (2, "image"), (3, "HCaptchaTask"), (4, "image"),
-                           (5, "token")])  # fmt: skip
+    producer.enqueue_many(
+        [(1, "image"), (2, "image"), (3, "HCaptchaTask"), (4, "image"), (5, "token")]
+    )
     wait_until(lambda: _pending(redis_client) == 0, timeout=15)
     value = metrics.registry.get_sample_value
     total = "report_forwarder_reports_total"
@@ -145,10 +146,15 @@ def test_real_prometheus_scrapes_a_worker_and_answers_a_throughput_query(
     )
     assert PROMETHEUS is not None
     prometheus = subprocess.Popen(
-        [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
-         f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            PROMETHEUS,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     producer = Producer(load_settings(environ=environ))
     query = f"http://127.0.0.1:{prom_port}/api/v1/query"
 

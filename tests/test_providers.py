@@ -114,20 +114,29 @@ def test_one_worker_forwards_three_providers_each_to_its_endpoint_with_its_key(
             assert {"clientKey": KEYS[name], "taskId": task_id} == json.loads(request.body)
     ((_, letter),) = redis_client.xrange(Keys().dead)
     assert (b"13", b"ac", b"rejected", b"ERROR_NO_SUCH_CAPCHA_ID") == (
-        letter[b"task_id"], letter[b"account"], letter[b"reason"], letter[b"error_code"]
-    )  # fmt: skip
+        letter[b"task_id"],
+        letter[b"account"],
+        letter[b"reason"],
+        letter[b"error_code"],
+    )
     stats = CliRunner().invoke(main, ["stats", "--json"], env=environ)
     accounts = json.loads(stats.stdout)["accounts"]
     assert ("capmonster", "7/second", "twocaptcha") == (
-        accounts["cm"]["provider"], accounts["ac"]["rate_limit"], accounts["tc"]["provider"]
-    )  # fmt: skip
+        accounts["cm"]["provider"],
+        accounts["ac"]["rate_limit"],
+        accounts["tc"]["provider"],
+    )
 
 
 @pytest.mark.parametrize(
     ("ctype", "family"),
-    [("TurnstileTask", "turnstile"), ("GeeTestTask", "geetest"), ("token", "token"),
-     ("FunCaptchaTaskProxyless", "funcaptcha")],
-)  # fmt: skip
+    [
+        ("TurnstileTask", "turnstile"),
+        ("GeeTestTask", "geetest"),
+        ("token", "token"),
+        ("FunCaptchaTaskProxyless", "funcaptcha"),
+    ],
+)
 def test_type_the_provider_cannot_report_is_refused_at_enqueue(
     three_accounts: Callable[[], dict[str, str]], redis_client: redis.Redis, ctype: str, family: str
 ) -> None:

@@ -126,9 +126,11 @@ def test_two_accounts_each_get_their_own_limit(
 
 
 def test_a_throttled_account_does_not_starve_another(
-    two_accounts: Callable[..., Settings], env: dict[str, str], sandbox: Sandbox,
+    two_accounts: Callable[..., Settings],
+    env: dict[str, str],
+    sandbox: Sandbox,
     redis_client: redis.Redis,
-) -> None:  # fmt: skip
+) -> None:
     """A backlog on a 2/s account is deferred out of the worker's threads, so reports of
     another account queued behind it go through at once; deferral spends no attempt."""
     settings = two_accounts(2, 1000)

@@ -47,8 +47,13 @@ def _settled(service: Service) -> Callable[[], bool]:
     return check
 
 
-REJECTED = ["ERROR_NO_SUCH_CAPCHA_ID", "WRONG_CAPTCHA_ID", "ERROR_NO_SUCH_METHOD",
-            "ERROR_CAPTCHA_UNSOLVABLE", "ERROR_SOMETHING_NEW"]  # fmt: skip
+REJECTED = [
+    "ERROR_NO_SUCH_CAPCHA_ID",
+    "WRONG_CAPTCHA_ID",
+    "ERROR_NO_SUCH_METHOD",
+    "ERROR_CAPTCHA_UNSOLVABLE",
+    "ERROR_SOMETHING_NEW",
+]
 
 
 def test_permanent_errors_cost_exactly_one_call(service: Service, sandbox: Sandbox) -> None:
@@ -84,9 +89,11 @@ TRANSIENT = {
 
 
 def test_transient_faults_are_retried_with_backoff_then_accepted(
-    make_settings: Callable[..., Settings], env: dict[str, str], sandbox: Sandbox,
+    make_settings: Callable[..., Settings],
+    env: dict[str, str],
+    sandbox: Sandbox,
     redis_client: redis.Redis,
-) -> None:  # fmt: skip
+) -> None:
     """5xx, 429, busy codes, non-JSON bodies, dropped connections and timeouts are retried
     no sooner than 2 s later and then accepted."""
     del redis_client
@@ -120,9 +127,11 @@ def test_retry_after_longer_than_backoff_wins(service: Service, sandbox: Sandbox
 
 
 def test_deadline_bounds_retries_then_expired(
-    make_settings: Callable[..., Settings], env: dict[str, str], sandbox: Sandbox,
+    make_settings: Callable[..., Settings],
+    env: dict[str, str],
+    sandbox: Sandbox,
     redis_client: redis.Redis,
-) -> None:  # fmt: skip
+) -> None:
     """A report that keeps failing is tried until just before its deadline, never after,
     then dead-lettered as expired."""
     settings = make_settings(FAST_RECOVERY, REPORT_FORWARDER_REPORT_DEADLINE_S="7")
@@ -143,9 +152,11 @@ def test_deadline_bounds_retries_then_expired(
 
 
 def test_attempt_budget_then_retries_exhausted(
-    make_settings: Callable[..., Settings], env: dict[str, str], sandbox: Sandbox,
+    make_settings: Callable[..., Settings],
+    env: dict[str, str],
+    sandbox: Sandbox,
     redis_client: redis.Redis,
-) -> None:  # fmt: skip
+) -> None:
     """With max_attempts = 2, a report failing transiently twice is dead-lettered as
     retries_exhausted after exactly two calls."""
     settings = make_settings(FAST_RECOVERY + "\n[delivery]\nmax_attempts = 2\n")
@@ -160,9 +171,14 @@ def test_attempt_budget_then_retries_exhausted(
 
 @pytest.mark.parametrize(
     "code",
-    ["ERROR_KEY_DOES_NOT_EXIST", "ERROR_ZERO_BALANCE", "ERROR_IP_NOT_ALLOWED", "ERROR_IP_BANNED",
-     "ERROR_IP_BLOCKED"],
-)  # fmt: skip
+    [
+        "ERROR_KEY_DOES_NOT_EXIST",
+        "ERROR_ZERO_BALANCE",
+        "ERROR_IP_NOT_ALLOWED",
+        "ERROR_IP_BANNED",
+        "ERROR_IP_BLOCKED",
+    ],
+)
 def test_account_fault_pauses_the_account_after_one_call(
     service: Service, sandbox: Sandbox, redis_client: redis.Redis, code: str
 ) -> None:

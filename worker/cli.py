@@ -714,6 +714,44 @@ def sandbox(host: str, port: int, latency_ms: float, profile: str) -> None:
     serve(host, port, latency_ms=latency_ms, profile=profile)
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", "-p", type=click.IntRange(1, 65535), default=8089, show_default=True)
+@click.option(
+    "--token",
+    envvar="REPORT_FORWARDER_INTAKE_TOKEN",
+    help="Bearer token for /v1/*, /metrics and the status page (required off loopback).",
+)
+@click.option(
+    "--insecure-no-token",
+    is_flag=True,
+    help="Allow binding beyond loopback without a token (behind a proxy that authenticates).",
+)
+@click.option(
+    "--client-rate",
+    type=click.FloatRange(1),
+    default=2000.0,
+    show_default=True,
+    help="Requests per second allowed per client address.",
+)
+def serve(
+    host: str, port: int, token: str | None, insecure_no_token: bool, client_rate: float
+) -> None:
+    """Run the HTTP intake: a CapMonster-compatible report endpoint, bulk JSON, health,
+    metrics and a live status page."""
+    from .intake import is_loopback
+    from .intake import serve as run
+
+    settings = _state().settings
+    if not is_loopback(host) and not token and not insecure_no_token:
+        raise click.UsageError(
+            f"--host {host} is not loopback: set REPORT_FORWARDER_INTAKE_TOKEN (or --token), or "
+            "pass --insecure-no-token if a proxy in front authenticates"
+        )
+    _logging(settings, cache=True)
+    run(settings, host, port, token=token or None, client_rate=client_rate)
+
+
 @main.group("redis")
 def redis_group() -> None:
     """The embedded Redis (used when REDIS_URL is unset)."""

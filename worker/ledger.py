@@ -110,7 +110,7 @@ end
 # ARGV: prefix, normal list, now, normal template, refs per message,
 #       then 6 per report: account, task_id, captcha_type, kind, deadline, dead-letter id or ''
 # Returns one flag per report: 1 queued, 0 duplicate (pending or accepted already).
-_ENQUEUE = (
+ENQUEUE_SCRIPT = _ENQUEUE = (
     _COMMON
     + """
 local list, now, tpl, per = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
@@ -362,6 +362,23 @@ class SweepEvent:
     detail: str
 
 
+def enqueue_args(
+    keys: Keys, queue: str, rows: Sequence[Sequence[Any]], per_message: int = 1
+) -> list[Any]:
+    """Arguments of ``ENQUEUE_SCRIPT`` (run by ``Ledger.enqueue`` and by the intake's async
+    client)."""
+    args: list[Any] = [
+        keys.prefix,
+        messages.list_key(queue, urgent=False),
+        _now(),
+        messages.template(queue, urgent=False),
+        per_message,
+    ]
+    for row in rows:
+        args.extend(row)
+    return args
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -403,15 +420,7 @@ class Ledger:
     def enqueue(self, rows: Sequence[Sequence[Any]], *, per_message: int = 1) -> list[int]:
         """Queue ``rows`` of (account, task_id, type, kind, deadline, dead-letter id or '');
         one flag per row: 1 queued, 0 duplicate."""
-        args: list[Any] = [
-            self.keys.prefix,
-            self.normal_list,
-            _now(),
-            self.normal_template,
-            per_message,
-        ]
-        for row in rows:
-            args.extend(row)
+        args = enqueue_args(self.keys, self.queue, rows, per_message)
         return [int(flag) for flag in self._enqueue(args=args)]
 
     def claim(

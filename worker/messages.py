@@ -11,6 +11,7 @@ JSON (no base64) and carries only report refs (``account:taskId``) — never a k
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 
 TASK_NAME = "report_forwarder.forward"
 ID = "@ID@"
@@ -33,6 +34,7 @@ def list_keys(queue: str) -> tuple[str, str]:
     return list_key(queue, urgent=True), list_key(queue, urgent=False)
 
 
+@lru_cache(maxsize=64)
 def template(queue: str, *, urgent: bool = False) -> str:
     """The message for ``queue`` with ``@ID@`` and ``@REFS@`` placeholders.
 

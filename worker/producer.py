@@ -67,6 +67,28 @@ def parse_task_id(value: object) -> int:
     return number
 
 
+def validate(
+    settings: Settings,
+    task_id: object,
+    captcha_type: object,
+    account: object = "default",
+    dead_id: str = "",
+) -> list[Any]:
+    """One report as the ledger's enqueue row, or :class:`ReportError` naming what is wrong:
+    (account, task_id, type, kind, deadline, dead-letter id or '')."""
+    number = parse_task_id(task_id)
+    ctype = settings.captcha_types.resolve(captcha_type)
+    acct = settings.account(account)
+    acct.endpoint_for(ctype)  # refuses a type this provider cannot report
+    deadline = time.time() + acct.deadline_s
+    return [acct.name, number, ctype.name, ctype.kind, f"{deadline:.3f}", dead_id]
+
+
+def fields(item: Any) -> tuple[object, object, object]:
+    """(task_id, captcha_type, account) of a bulk item; ReportError if it has none."""
+    return _fields(item)
+
+
 class Producer:
     """Enqueues reports for one configuration. Thread-safe; reuse one per process."""
 
@@ -86,12 +108,7 @@ class Producer:
         self, task_id: object, captcha_type: object, account: object = "default", dead_id: str = ""
     ) -> list[Any]:
         """Validate one report into the ledger's enqueue row; ReportError if invalid."""
-        number = parse_task_id(task_id)
-        ctype = self.settings.captcha_types.resolve(captcha_type)
-        acct = self.settings.account(account)
-        acct.endpoint_for(ctype)  # refuses a type this provider cannot report
-        deadline = time.time() + acct.deadline_s
-        return [acct.name, number, ctype.name, ctype.kind, f"{deadline:.3f}", dead_id]
+        return validate(self.settings, task_id, captcha_type, account, dead_id)
 
     def enqueue(self, task_id: object, captcha_type: object, account: object = "default") -> Result:
         row = self.row(task_id, captcha_type, account)

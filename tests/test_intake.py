@@ -1,0 +1,408 @@
+"""The HTTP intake over real HTTP: CapMonster-compatible reports from a published client
+and from curl, bulk JSON, bad input, tokens, caps, fuzzing, and the status page."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+import uvicorn
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+
+from worker.cli import main
+from worker.config import Settings
+from worker.intake import Intake
+from worker.sandbox import Sandbox
+from worker.testing import free_port
+
+from .conftest import CLIENT_KEY, Service, queue_length, running_worker, wait_until
+
+IMAGE = "/reportIncorrectImageCaptcha"
+TOKEN = "intake-token-abc"
+
+
+class Server:
+    """The intake on uvicorn in a thread, on a free loopback port."""
+
+    def __init__(self, app: Intake) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            loop="asyncio",
+            http="httptools",
+            lifespan="on",
+            access_log=False,
+            log_config=None,
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        wait_until(lambda: self.server.started, timeout=10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture
+def intake(settings: Settings, env: dict[str, str]) -> Iterator[Server]:
+    with Server(Intake(settings, settings.redis_url, environ=env)) as server:
+        yield server
+
+
+@pytest.fixture
+def http() -> Iterator[requests.Session]:
+    with requests.Session() as session:
+        yield session
+
+
+def post(http: requests.Session, url: str, body: Any, **kw: Any) -> requests.Response:
+    return http.post(url, json=body, timeout=10, **kw)
+
+
+def test_unmodified_third_party_client_gets_success_and_the_report_reaches_the_api(
+    intake: Server, settings: Settings, env: dict[str, str], sandbox: Sandbox
+) -> None:
+    """python-anticaptcha (a published client of this protocol, with report calls), given
+    only the intake's address, reports image and reCAPTCHA tasks; both reach the API."""
+    from python_anticaptcha import AnticaptchaClient
+
+    client = AnticaptchaClient(CLIENT_KEY, host=f"127.0.0.1:{intake.port}", use_ssl=False)
+    with client:
+        assert client.reportIncorrectImage(424242) is True
+        assert client.reportIncorrectRecaptcha(434343) is True
+    with running_worker(settings, env):
+        wait_until(lambda: sandbox.count() == 2)
+    seen = {r.task_id: r for r in sandbox.requests()}
+    assert "/reportIncorrectImageCaptcha" == seen[424242].path
+    assert "/reportIncorrectTokenCaptcha" == seen[434343].path
+    assert {"clientKey": CLIENT_KEY, "taskId": 424242} == json.loads(seen[424242].body)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="no curl on this machine")
+def test_plain_curl_reports_successfully(intake: Server, redis_client: redis.Redis) -> None:
+    """curl with a JSON body gets the API's success answer and the report is queued."""
+    body = json.dumps({"clientKey": CLIENT_KEY, "taskId": 555})
+    out = subprocess.run(
+        [
+            "curl",
+            "-s",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            body,
+            intake.url + "/reportIncorrectHcaptcha",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
+    ).stdout
+    assert {"errorId": 0, "status": "success"} == json.loads(out)
+    assert b"hcaptcha" == redis_client.hget("rf:r:default:555", "t")
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "code"),
+    [
+        (b'{"clientKey": "nope", "taskId": 5}', {}, 200, "ERROR_KEY_DOES_NOT_EXIST"),
+        (b"{not json", {}, 400, "ERROR_INVALID_JSON"),
+        (b"[1, 2]", {}, 400, "ERROR_INVALID_JSON"),
+        (json.dumps({"clientKey": CLIENT_KEY}).encode(), {}, 400, "ERROR_NO_SUCH_CAPCHA_ID"),
+        (
+            json.dumps({"clientKey": CLIENT_KEY, "taskId": -4}).encode(),
+            {},
+            400,
+            "ERROR_NO_SUCH_CAPCHA_ID",
+        ),
+        (
+            json.dumps({"clientKey": CLIENT_KEY, "taskId": "x"}).encode(),
+            {},
+            400,
+            "ERROR_NO_SUCH_CAPCHA_ID",
+        ),
+        (
+            json.dumps({"clientKey": CLIENT_KEY, "taskId": 5}).encode(),
+            {"Content-Type": "text/plain"},
+            415,
+            "ERROR_UNSUPPORTED_CONTENT_TYPE",
+        ),
+        (b"{" + b" " * 20000 + b"}", {}, 413, "ERROR_BODY_TOO_LARGE"),
+    ],
+    ids=[
+        "unknown-key",
+        "malformed",
+        "not-object",
+        "no-task-id",
+        "negative",
+        "string-id",
+        "content-type",
+        "oversized",
+    ],
+)
+def test_bad_requests_get_clear_4xx_answers_and_nothing_is_queued(
+    intake: Server,
+    http: requests.Session,
+    redis_client: redis.Redis,
+    body: bytes,
+    headers: dict[str, str],
+    status: int,
+    code: str,
+) -> None:
+    """Each bad request gets errorId 1, a descriptive code, the expected status, no key echo."""
+    sent = {"Content-Type": "application/json", **headers}
+    response = http.post(intake.url + IMAGE, data=body, headers=sent, timeout=10)
+    assert status == response.status_code
+    doc = response.json()
+    assert (1, code) == (doc["errorId"], doc["errorCode"])
+    assert doc["errorDescription"]
+    assert CLIENT_KEY not in response.text
+    assert 0 == queue_length(redis_client)
+
+
+def test_wrong_method_and_unknown_path(intake: Server, http: requests.Session) -> None:
+    """GET on a report path is 405; an unknown path is 404 ERROR_NO_SUCH_METHOD."""
+    assert 405 == http.get(intake.url + IMAGE, timeout=10).status_code
+    response = post(http, intake.url + "/createTask", {"clientKey": CLIENT_KEY})
+    assert (404, "ERROR_NO_SUCH_METHOD") == (response.status_code, response.json()["errorCode"])
+
+
+def test_bulk_endpoint_takes_an_array_or_json_lines(
+    intake: Server, http: requests.Session, redis_client: redis.Redis
+) -> None:
+    """POST /v1/reports answers how many were queued and, per refused item, index and why."""
+    items = [
+        {"taskId": 1, "captchaType": "image"},
+        {"taskId": 0, "captchaType": "image"},
+        {"taskId": 2, "captchaType": "Nope"},
+        {"taskId": 3, "captchaType": "token"},
+    ]
+    doc = post(http, intake.url + "/v1/reports", items).json()
+    assert (2, 0, [1, 2]) == (
+        doc["queued"],
+        doc["duplicates"],
+        [r["index"] for r in doc["refused"]],
+    )
+    assert "unknown captchaType 'Nope'" in doc["refused"][1]["error"]
+    lines = "\n".join(json.dumps({"taskId": n, "captchaType": "image"}) for n in (3, 4, 5))
+    response = http.post(
+        intake.url + "/v1/reports",
+        data=lines,
+        headers={"Content-Type": "application/x-ndjson"},
+        timeout=10,
+    )
+    assert {"queued": 2, "duplicates": 1, "refused": []} == response.json()
+    assert 4 == queue_length(redis_client)
+
+
+def test_health_and_metrics(intake: Server, http: requests.Session) -> None:
+    """/healthz reports Redis and the queue depth; /metrics parses as Prometheus text."""
+    post(http, intake.url + IMAGE, {"clientKey": CLIENT_KEY, "taskId": 9})
+    assert {"status": "ok", "redis": "ok", "queue_depth": 1} == http.get(
+        intake.url + "/healthz", timeout=10
+    ).json()
+    text = http.get(intake.url + "/metrics", timeout=10).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = families["report_forwarder_intake_requests"].samples
+    assert any(s.labels == {"route": IMAGE, "status": "200"} and s.value == 1 for s in samples)
+    assert 1 == families["report_forwarder_pending_reports"].samples[0].value
+
+
+def test_token_guards_the_operator_routes_not_the_report_routes(
+    settings: Settings, env: dict[str, str], http: requests.Session
+) -> None:
+    """With a token, /v1/* and the status page need it (bearer or ?token=); the report
+    routes are authenticated by the clientKey as at the real API."""
+    with Server(Intake(settings, settings.redis_url, environ=env, token=TOKEN)) as server:
+        items = [{"taskId": 1, "captchaType": "image"}]
+        assert 401 == post(http, server.url + "/v1/reports", items).status_code
+        bearer = {"Authorization": f"Bearer {TOKEN}"}
+        assert 200 == post(http, server.url + "/v1/reports", items, headers=bearer).status_code
+        assert 401 == http.get(server.url + "/", timeout=10).status_code
+        assert 200 == http.get(server.url + f"/?token={TOKEN}", timeout=10).status_code
+        report = post(http, server.url + IMAGE, {"clientKey": CLIENT_KEY, "taskId": 2})
+        assert 0 == report.json()["errorId"]
+        assert TOKEN not in http.get(server.url + "/healthz", timeout=10).text
+
+
+def test_serving_beyond_loopback_needs_a_token(env: dict[str, str]) -> None:
+    """`serve --host 0.0.0.0` without a token refuses to start, saying what to set."""
+    result = CliRunner().invoke(main, ["serve", "--host", "0.0.0.0"], env=env)  # noqa: S104
+    assert 2 == result.exit_code
+    assert "REPORT_FORWARDER_INTAKE_TOKEN" in result.output
+
+
+def test_client_rate_cap_answers_429(
+    settings: Settings, env: dict[str, str], http: requests.Session
+) -> None:
+    """A client over its request rate gets 429 ERROR_TOO_MUCH_REQUESTS with Retry-After."""
+    with Server(Intake(settings, settings.redis_url, environ=env, client_rate=2)) as server:
+        codes = [
+            post(http, server.url + IMAGE, {"clientKey": CLIENT_KEY, "taskId": n})
+            for n in range(1, 12)
+        ]
+    refused = [r for r in codes if r.status_code == 429]
+    assert refused
+    assert "ERROR_TOO_MUCH_REQUESTS" == refused[0].json()["errorCode"]
+    assert "1" == refused[0].headers["Retry-After"]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+bodies = st.one_of(
+    st.binary(max_size=300),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries(
+        {
+            "clientKey": st.one_of(st.just(CLIENT_KEY), st.text(max_size=20), st.integers()),
+            "taskId": json_values,
+        }
+    ).map(lambda v: json.dumps(v).encode()),
+)
+
+
+@hsettings(
+    max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    path=st.sampled_from(
+        [
+            IMAGE,
+            "/reportIncorrectTokenCaptcha",
+            "/reportIncorrectRecaptcha",
+            "/v1/reports",
+            "/healthz",
+            "/nope",
+            "/",
+        ]
+    ),
+    method=st.sampled_from(["POST", "GET", "PUT"]),
+    content_type=st.sampled_from(
+        ["application/json", "text/plain", "", "application/json; charset=utf-8"]
+    ),
+    body=bodies,
+)
+def test_fuzzed_requests_never_get_a_5xx_or_a_traceback(
+    intake: Server, http: requests.Session, path: str, method: str, content_type: str, body: bytes
+) -> None:
+    """Any body, path, method and content type: never a 5xx, never a traceback, never the key."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = http.request(method, intake.url + path, data=body, headers=headers, timeout=10)
+    assert response.status_code < 500
+    assert "Traceback" not in response.text
+    if path != "/" and response.headers["content-type"].startswith("application/json"):
+        doc = response.json()
+        assert isinstance(doc, dict)
+    if CLIENT_KEY.encode() not in body:
+        assert CLIENT_KEY not in response.text
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=8000",
+]
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no chromium (Debian package `chromium`); .ci/run installs it where apt-get is root",
+)
+@pytest.mark.timeout(120)
+def test_status_page_in_headless_chromium_shows_the_numbers_of_stats_json(
+    settings: Settings,
+    env: dict[str, str],
+    sandbox: Sandbox,
+    redis_client: redis.Redis,
+    tmp_path: Path,
+    service: Service,
+) -> None:
+    """The page, rendered by Chromium from the intake itself (no CDN), shows the same
+    numbers as `stats --json`; a screenshot is kept with the test run."""
+    from worker.sandbox import Rule
+
+    sandbox.add_rule(Rule(task_id=3, error_code="ERROR_NO_SUCH_CAPCHA_ID"))
+    service.producer.enqueue_many([(n, "image" if n % 2 else "token") for n in range(1, 41)])
+    wait_until(lambda: int(redis_client.get("rf:npending") or -1) == 0)
+    with Server(Intake(settings, settings.redis_url, environ=env)) as server:
+        assert CHROMIUM is not None
+        dom = subprocess.run(
+            [
+                CHROMIUM,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={tmp_path / 'c1'}",
+                "--dump-dom",
+                server.url + "/",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        shot = tmp_path / "status.png"
+        subprocess.run(
+            [
+                CHROMIUM,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={tmp_path / 'c2'}",
+                "--window-size=1280,900",
+                f"--screenshot={shot}",
+                server.url + "/",
+            ],
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+    stats = json.loads(CliRunner().invoke(main, ["stats", "--json"], env=env).stdout)
+    assert 'data-loaded="1"' in dom
+
+    def shown(element: str) -> str:
+        match = re.search(rf'id="{element}">([^<]*)<', dom)
+        assert match is not None, element
+        return match.group(1)
+
+    assert str(stats["dead_letters"]["total"]) == shown("dead-total") == "1"
+    assert str(stats["backlog"]["pending_reports"]) == shown("pending") == "0"
+    assert str(len(stats["paused_accounts"])) == shown("paused-count")
+    accepted = stats["throughput"]["5m"]["by_kind"]
+    cells = re.findall(r"<tr><td[^>]*>(\w+)</td><td>(\w+)</td><td[^>]*>(\d+)</td></tr>", dom)
+    for outcome, kind, count in cells:
+        assert accepted[kind][outcome] == int(count)
+    assert {("accepted", "image"), ("accepted", "token"), ("rejected", "image")} <= {
+        (o, k) for o, k, _ in cells
+    }
+    assert "http://" not in dom.split("<script>", 1)[0].replace(server.url, "")  # nothing external
+    assert shot.stat().st_size > 10_000
+    (Path(__file__).parent.parent / "bench" / "results").mkdir(exist_ok=True)
+    shutil.copy(shot, Path(__file__).parent.parent / "bench" / "results" / "status-page.png")

@@ -1,0 +1,444 @@
+"""HTTP intake: a CapMonster-compatible endpoint, so any bot in any language reports
+fire-and-forget by changing only its base URL (``report-forwarder serve``).
+
+Routes::
+
+    POST /reportIncorrectImageCaptcha | TokenCaptcha | Recaptcha | Hcaptcha
+         {"clientKey": ..., "taskId": ...}  -> {"errorId": 0, "status": "success"}, at once
+    POST /v1/reports    JSON array or JSON lines of {"taskId", "captchaType", "account"?}
+    GET  /healthz       Redis reachable, queue depth (no token needed)
+    GET  /metrics       Prometheus
+    GET  /v1/stats      the numbers `report-forwarder stats --json` shows
+    GET  /              a live status page (served from here; no CDN)
+
+The clientKey is matched, in constant time, against every configured account's key; the
+report is queued for that account. Bad input gets an ``errorId: 1`` answer with a
+descriptive code and a 4xx status, never a 500 or a traceback, and a key is never echoed.
+Reports arriving together are queued in one Redis round trip (natural batching: while
+one enqueue is in flight the next ones gather), so producers never wait on each other.
+
+A raw ASGI app on uvicorn (uvloop + httptools), chosen by bench/intake.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from importlib import resources
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+from . import store
+from .config import Settings, client_key
+from .errors import ReportError
+from .keys import Keys
+from .ledger import ENQUEUE_SCRIPT, enqueue_args
+from .logs import get_logger, register_secret
+from .messages import list_keys
+from .metrics import Metrics
+from .producer import fields, validate
+
+log = get_logger("worker.intake")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+# the CapMonster report paths, and the captchaType each stands for
+REPORT_ROUTES = {
+    "/reportIncorrectImageCaptcha": "image",
+    "/reportIncorrectTokenCaptcha": "token",
+    "/reportIncorrectRecaptcha": "recaptcha",
+    "/reportIncorrectHcaptcha": "hcaptcha",
+}
+MAX_REPORT_BYTES = 16 * 1024
+MAX_BULK_BYTES = 8 * 1024 * 1024
+MAX_BULK_ITEMS = 50_000
+BATCH = 1000
+_SUCCESS = b'{"errorId":0,"status":"success"}'
+
+
+class _Refusal(Exception):
+    def __init__(self, status: int, code: str, description: str) -> None:
+        super().__init__(description)
+        self.status = status
+        self.code = code
+        self.description = description
+
+
+class _Batcher:
+    """Queues rows in as few round trips as possible without delaying a lone report: the
+    first row goes at once; rows arriving while a round trip is in flight go together in
+    the next one."""
+
+    def __init__(self, script: Any, keys: Keys, queue: str) -> None:
+        self.script = script
+        self.keys = keys
+        self.queue = queue
+        self.pending: list[tuple[list[Any], asyncio.Future[int]]] = []
+        self.running = False
+        self._task: asyncio.Task[None] | None = None  # held so it is not collected mid-run
+
+    async def submit(self, rows: list[list[Any]]) -> list[int]:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in rows]
+        self.pending.extend(zip(rows, futures, strict=True))
+        if not self.running:
+            self.running = True
+            self._task = loop.create_task(self._drain())
+        return list(await asyncio.gather(*futures))
+
+    async def _drain(self) -> None:
+        try:
+            while self.pending:
+                batch, self.pending = self.pending[:BATCH], self.pending[BATCH:]
+                try:
+                    args = enqueue_args(self.keys, self.queue, [row for row, _ in batch])
+                    flags = await self.script(args=args)
+                except Exception as exc:  # every waiting request gets the failure
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), flag in zip(batch, flags, strict=True):
+                    if not future.done():
+                        future.set_result(int(flag))
+        finally:
+            self.running = False
+
+
+class _ClientLimiter:
+    """Requests per second per client address (token bucket), so one client cannot flood
+    the intake; over it: 429 ``ERROR_TOO_MUCH_REQUESTS``."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, client: str, cost: float = 1.0) -> bool:
+        now = time.monotonic()
+        tokens, last = self.buckets.get(client, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens < cost:
+            self.buckets[client] = (tokens, now)
+            return False
+        self.buckets[client] = (tokens - cost, now)
+        if len(self.buckets) > 10_000:  # forget idle clients
+            cutoff = now - 60
+            self.buckets = {k: v for k, v in self.buckets.items() if v[1] > cutoff}
+        return True
+
+
+class Intake:
+    """The ASGI application."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis_url: str,
+        *,
+        token: str | None = None,
+        environ: Mapping[str, str] | None = None,
+        client_rate: float = 2000.0,
+        enqueue: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.redis_url = redis_url
+        self.token = token
+        self.enqueue_enabled = enqueue  # False: the constant-answer ceiling of bench/intake.py
+        self.keys = Keys(settings.key_prefix)
+        self.account_keys: list[tuple[bytes, str]] = []
+        for account in settings.accounts.values():
+            key = client_key(account, environ)
+            if key:
+                register_secret(key)
+                self.account_keys.append((key.encode(), account.name))
+        self.limiter = _ClientLimiter(client_rate, client_rate * 2)
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "report_forwarder_intake_requests",
+            "Intake HTTP requests by route and status.",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.metrics = Metrics(self.registry)
+        self.client: aioredis.Redis | None = None
+        self.sync_client: redis.Redis | None = None
+        self.batcher: _Batcher | None = None
+        self.page = resources.files("worker").joinpath("status.html").read_bytes()
+
+    # -- ASGI --------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        route = path if path in REPORT_ROUTES or path in _ROUTES else "other"
+        try:
+            status, body, ctype = await self._dispatch(scope, receive, path)
+        except _Refusal as refusal:
+            status, ctype = refusal.status, b"application/json"
+            body = json.dumps(
+                {"errorId": 1, "errorCode": refusal.code, "errorDescription": refusal.description}
+            ).encode()
+        except (redis.RedisError, OSError) as exc:
+            log.warning("intake.redis_failed", error=str(exc))
+            status, ctype = 503, b"application/json"
+            body = (
+                b'{"errorId":1,"errorCode":"ERROR_SERVICE_UNAVAILABLE",'
+                b'"errorDescription":"the queue is unreachable; retry shortly"}'
+            )
+        self.requests.labels(route, str(status)).inc()
+        headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]
+        if status == 429:
+            headers.append((b"retry-after", b"1"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.startup()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def startup(self) -> None:
+        self.client = aioredis.Redis.from_url(self.redis_url, socket_timeout=10)
+        self.sync_client = store.connect(self.redis_url, retries=2)
+        self.metrics.watch(self.sync_client, self.settings)
+        self.batcher = _Batcher(
+            self.client.register_script(ENQUEUE_SCRIPT), self.keys, self.settings.queue
+        )
+
+    async def shutdown(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+        if self.sync_client is not None:
+            self.sync_client.close()
+
+    # -- routes ------------------------------------------------------------------------
+
+    async def _dispatch(
+        self, scope: Scope, receive: Receive, path: str
+    ) -> tuple[int, bytes, bytes]:
+        method = scope["method"]
+        peer = (scope.get("client") or ("?", 0))[0]
+        if not self.limiter.allow(peer):
+            raise _Refusal(429, "ERROR_TOO_MUCH_REQUESTS", "too many requests from this client")
+        report_type = REPORT_ROUTES.get(path)
+        if report_type is not None:
+            _require(method, "POST")
+            body = await _read(scope, receive, MAX_REPORT_BYTES)
+            return 200, await self._report(report_type, body), b"application/json"
+        if path == "/healthz":
+            _require(method, "GET")
+            return await self._health()
+        self._authorise(scope)
+        if path == "/v1/reports":
+            _require(method, "POST")
+            body = await _read(scope, receive, MAX_BULK_BYTES)
+            return 200, await self._bulk(body), b"application/json"
+        if path == "/v1/stats":
+            _require(method, "GET")
+            return 200, json.dumps(await self._stats()).encode(), b"application/json"
+        if path == "/metrics":
+            _require(method, "GET")
+            data = await asyncio.to_thread(generate_latest, self.registry)
+            return 200, data, b"text/plain; version=0.0.4; charset=utf-8"
+        if path == "/":
+            _require(method, "GET")
+            return 200, self.page, b"text/html; charset=utf-8"
+        raise _Refusal(404, "ERROR_NO_SUCH_METHOD", f"no such method: {path}")
+
+    async def _report(self, report_type: str, body: bytes) -> bytes:
+        doc = _json_object(body)
+        key = doc.get("clientKey")
+        account = self._account_for(key)
+        if account is None:
+            raise _Refusal(200, "ERROR_KEY_DOES_NOT_EXIST", "no account has this clientKey")
+        try:
+            row = validate(self.settings, doc.get("taskId"), report_type, account)
+        except ReportError as exc:
+            code = "ERROR_NO_SUCH_CAPCHA_ID" if "taskId" in str(exc) else "ERROR_NO_SUCH_METHOD"
+            raise _Refusal(400, code, str(exc)) from exc
+        if self.enqueue_enabled:
+            assert self.batcher is not None
+            await self.batcher.submit([row])
+        return _SUCCESS
+
+    async def _bulk(self, body: bytes) -> bytes:
+        items = _json_items(body)
+        rows: list[list[Any]] = []
+        refused: list[dict[str, Any]] = []
+        for index, item in enumerate(items):
+            try:
+                task_id, ctype, account = fields(item)
+                rows.append(validate(self.settings, task_id, ctype, account))
+            except ReportError as exc:
+                refused.append({"index": index, "error": str(exc)})
+        flags = await self.batcher.submit(rows) if rows and self.batcher else []
+        queued = sum(flags)
+        return json.dumps(
+            {"queued": queued, "duplicates": len(flags) - queued, "refused": refused}
+        ).encode()
+
+    async def _health(self) -> tuple[int, bytes, bytes]:
+        assert self.client is not None
+        try:
+            await self.client.ping()
+            depth = sum(
+                [int(await self.client.llen(key)) for key in list_keys(self.settings.queue)]
+            )
+        except (redis.RedisError, OSError) as exc:
+            down = {"status": "unavailable", "redis": f"unreachable: {type(exc).__name__}"}
+            return 503, json.dumps(down).encode(), b"application/json"
+        doc: dict[str, Any] = {"status": "ok", "redis": "ok", "queue_depth": depth}
+        return 200, json.dumps(doc).encode(), b"application/json"
+
+    async def _stats(self) -> dict[str, Any]:
+        from .stats import snapshot
+
+        assert self.sync_client is not None
+        return await asyncio.to_thread(snapshot, self.sync_client, self.settings)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _account_for(self, key: object) -> str | None:
+        """The account whose key this is; every configured key is compared, in constant time."""
+        if not isinstance(key, str) or not key:
+            return None
+        given = key.encode()
+        found = None
+        for secret, account in self.account_keys:
+            if hmac.compare_digest(given, secret):
+                found = account
+        return found
+
+    def _authorise(self, scope: Scope) -> None:
+        if self.token is None:
+            return
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"authorization", b"")
+        expected = b"Bearer " + self.token.encode()
+        if not hmac.compare_digest(given, expected):
+            query = scope.get("query_string", b"").decode("latin-1")
+            token = dict(p.split("=", 1) for p in query.split("&") if "=" in p).get("token", "")
+            if not hmac.compare_digest(token.encode(), self.token.encode()):
+                raise _Refusal(401, "ERROR_UNAUTHORIZED", "missing or wrong intake token")
+
+
+_ROUTES = frozenset({"/healthz", "/v1/reports", "/v1/stats", "/metrics", "/"})
+
+
+def _require(method: str, allowed: str) -> None:
+    if method != allowed:
+        raise _Refusal(405, "ERROR_METHOD_NOT_ALLOWED", f"use {allowed}")
+
+
+async def _read(scope: Scope, receive: Receive, limit: int) -> bytes:
+    headers = dict(scope.get("headers") or [])
+    content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+    if content_type not in (b"application/json", b"application/x-ndjson", b"application/jsonl"):
+        shown = content_type.decode("latin-1")[:60] or "none"
+        raise _Refusal(
+            415, "ERROR_UNSUPPORTED_CONTENT_TYPE", f"content type {shown!r}: send application/json"
+        )
+    declared = headers.get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _Refusal(413, "ERROR_BODY_TOO_LARGE", f"body over {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _Refusal(413, "ERROR_BODY_TOO_LARGE", f"body over {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _Refusal(400, "ERROR_INVALID_JSON", "the body is not valid JSON") from exc
+    if not isinstance(doc, dict):
+        raise _Refusal(400, "ERROR_INVALID_JSON", 'expected an object {"clientKey", "taskId"}')
+    return doc
+
+
+def _json_items(body: bytes) -> list[Any]:
+    """A JSON array, or JSON lines."""
+    text = body.strip()
+    try:
+        if text.startswith(b"["):
+            items = json.loads(text)
+        else:
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _Refusal(
+            400, "ERROR_INVALID_JSON", "expected a JSON array or JSON lines of reports"
+        ) from exc
+    if not isinstance(items, list):
+        raise _Refusal(400, "ERROR_INVALID_JSON", "expected a JSON array or JSON lines of reports")
+    if len(items) > MAX_BULK_ITEMS:
+        raise _Refusal(413, "ERROR_BODY_TOO_LARGE", f"more than {MAX_BULK_ITEMS} reports")
+    return items
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(
+    settings: Settings,
+    host: str,
+    port: int,
+    *,
+    token: str | None,
+    client_rate: float = 2000.0,
+    enqueue: bool = True,
+) -> None:
+    """Run the intake on uvicorn until SIGINT/SIGTERM."""
+    import uvicorn
+
+    app = Intake(
+        settings, store.resolve_url(settings), token=token, client_rate=client_rate, enqueue=enqueue
+    )
+    log.info("intake.started", host=host, port=port, token=token is not None,
+             accounts=[name for _, name in app.account_keys])  # fmt: skip
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        server_header=False,
+        date_header=False,
+    )
+    uvicorn.Server(config).run()
