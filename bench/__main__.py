@@ -1,7 +1,8 @@
 """``python -m bench SCENARIO [--option value ...]``; prints a table and writes JSON.
 
 Scenarios: ratelimit (real workers against a limit), ratelimit-compare (our limiter vs the
-``limits`` library, no Celery). Results go to bench/results/<scenario>-<time>.json.
+``limits`` library, no Celery), intake (the HTTP intake vs its constant-answer ceiling),
+intake-servers (candidate ASGI servers). Results go to bench/results/<scenario>-<time>.json.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import ratelimit
+from . import intake, ratelimit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -61,16 +62,46 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     return doc
 
 
+def run_intake(args: argparse.Namespace) -> dict[str, Any]:
+    doc = intake.intake(int(args.seconds), args.connections)
+    rows = [("server", "requests/s", "p50 ms", "p90 ms", "p99 ms", "non-2xx")]
+    for name in ("ceiling", "intake"):
+        r = doc[name]
+        rows.append((name, f"{r['requests_per_s']:,.0f}", str(r.get("p50_ms")), str(r.get("p90_ms")),
+                     str(r.get("p99_ms")), str(r["non_2xx"])))  # fmt: skip
+    print(_table(rows))
+    print(f"intake / ceiling: {doc['ratio']:.1%} (target >= 70%); "
+          f"reports queued: {doc['intake']['reports_queued']:,}")  # fmt: skip
+    return doc
+
+
+def run_servers(args: argparse.Namespace) -> dict[str, Any]:
+    doc = intake.servers(int(args.seconds), args.connections)
+    rows = [("server", "requests/s", "p99 ms")]
+    for name in ("uvicorn", "granian", "hypercorn"):
+        rows.append((name, f"{doc[name]['requests_per_s']:,.0f}", str(doc[name].get("p99_ms"))))
+    print(_table(rows))
+    return doc
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("scenario", choices=["ratelimit", "ratelimit-compare"])
+    parser.add_argument(
+        "scenario", choices=["ratelimit", "ratelimit-compare", "intake", "intake-servers"]
+    )
     parser.add_argument("--processes", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--limit", type=int, default=20)
     parser.add_argument("--other-limit", type=int, default=None)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--connections", type=int, default=128)
     args = parser.parse_args()
-    runner = {"ratelimit": run_ratelimit, "ratelimit-compare": run_compare}[args.scenario]
+    runner = {
+        "ratelimit": run_ratelimit,
+        "ratelimit-compare": run_compare,
+        "intake": run_intake,
+        "intake-servers": run_servers,
+    }[args.scenario]
     doc = runner(args)
     print(f"\nwritten to {_save(args.scenario, doc)}", file=sys.stderr)
     return 0

@@ -6,12 +6,14 @@ unknown name is refused with the list of accepted ones, so a producer can fix it
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from .errors import ConfigError, ReportError
 
 KINDS = ("image", "token")
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,10 @@ class CaptchaTypes:
                 )
         self._by_lower: dict[str, CaptchaType] = {}
         for name, family in types.items():
+            if not _NAME.fullmatch(name):
+                raise ConfigError(
+                    f"types.{name!r}: a type name is letters, digits, '_', '.' or '-'"
+                )
             if family not in families:
                 raise ConfigError(
                     f"types.{name} = {family!r}: unknown family; "

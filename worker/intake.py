@@ -39,7 +39,7 @@ from . import store
 from .config import Settings, client_key
 from .errors import ReportError
 from .keys import Keys
-from .ledger import ENQUEUE_SCRIPT, enqueue_args
+from .ledger import ENQUEUE_SCRIPT, enqueue_args, parse_flags
 from .logs import get_logger, register_secret
 from .messages import list_keys
 from .metrics import Metrics
@@ -62,6 +62,7 @@ MAX_REPORT_BYTES = 16 * 1024
 MAX_BULK_BYTES = 8 * 1024 * 1024
 MAX_BULK_ITEMS = 50_000
 BATCH = 1000
+ROUND_TRIP_TIMEOUT_S = 10.0
 _SUCCESS = b'{"errorId":0,"status":"success"}'
 
 
@@ -75,41 +76,47 @@ class _Refusal(Exception):
 
 class _Batcher:
     """Queues rows in as few round trips as possible without delaying a lone report: the
-    first row goes at once; rows arriving while a round trip is in flight go together in
-    the next one."""
+    first row goes at once; rows arriving while a round trip is in flight gather for the
+    next one, and all their requests wait on that one round trip's answer."""
 
     def __init__(self, script: Any, keys: Keys, queue: str) -> None:
         self.script = script
         self.keys = keys
         self.queue = queue
-        self.pending: list[tuple[list[Any], asyncio.Future[int]]] = []
+        self.rows: list[list[Any]] = []
+        self.waiter: asyncio.Future[list[int]] | None = None
         self.running = False
         self._task: asyncio.Task[None] | None = None  # held so it is not collected mid-run
 
     async def submit(self, rows: list[list[Any]]) -> list[int]:
+        """Queue ``rows`` (at most ``BATCH``); one flag each: 1 queued, 0 duplicate."""
         loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in rows]
-        self.pending.extend(zip(rows, futures, strict=True))
+        if self.waiter is None:
+            self.waiter = loop.create_future()
+        waiter, start = self.waiter, len(self.rows)
+        self.rows.extend(rows)
         if not self.running:
             self.running = True
             self._task = loop.create_task(self._drain())
-        return list(await asyncio.gather(*futures))
+        flags = await waiter
+        return flags[start : start + len(rows)]
 
     async def _drain(self) -> None:
         try:
-            while self.pending:
-                batch, self.pending = self.pending[:BATCH], self.pending[BATCH:]
+            while self.rows:
+                rows, waiter = self.rows, self.waiter
+                self.rows, self.waiter = [], None
+                assert waiter is not None
                 try:
-                    args = enqueue_args(self.keys, self.queue, [row for row, _ in batch])
-                    flags = await self.script(args=args)
-                except Exception as exc:  # every waiting request gets the failure
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
+                    args = enqueue_args(self.keys, self.queue, rows)
+                    # one timeout per round trip (cheaper than a socket timeout per command)
+                    async with asyncio.timeout(ROUND_TRIP_TIMEOUT_S):
+                        flags = parse_flags(await self.script(args=args))
+                except Exception as exc:  # every request of this batch gets the failure
+                    waiter.set_exception(exc)
+                    waiter.exception()  # retrieved: no "never retrieved" warning if all left
                     continue
-                for (_, future), flag in zip(batch, flags, strict=True):
-                    if not future.done():
-                        future.set_result(int(flag))
+                waiter.set_result(flags)
         finally:
             self.running = False
 
@@ -192,8 +199,8 @@ class Intake:
             body = json.dumps(
                 {"errorId": 1, "errorCode": refusal.code, "errorDescription": refusal.description}
             ).encode()
-        except (redis.RedisError, OSError) as exc:
-            log.warning("intake.redis_failed", error=str(exc))
+        except (redis.RedisError, OSError, TimeoutError) as exc:
+            log.warning("intake.redis_failed", error=f"{type(exc).__name__}: {exc}")
             status, ctype = 503, b"application/json"
             body = (
                 b'{"errorId":1,"errorCode":"ERROR_SERVICE_UNAVAILABLE",'
@@ -218,7 +225,7 @@ class Intake:
                 return
 
     async def startup(self) -> None:
-        self.client = aioredis.Redis.from_url(self.redis_url, socket_timeout=10)
+        self.client = aioredis.Redis.from_url(self.redis_url, socket_connect_timeout=5)
         self.sync_client = store.connect(self.redis_url, retries=2)
         self.metrics.watch(self.sync_client, self.settings)
         self.batcher = _Batcher(
@@ -291,7 +298,10 @@ class Intake:
                 rows.append(validate(self.settings, task_id, ctype, account))
             except ReportError as exc:
                 refused.append({"index": index, "error": str(exc)})
-        flags = await self.batcher.submit(rows) if rows and self.batcher else []
+        flags: list[int] = []
+        assert self.batcher is not None
+        for start in range(0, len(rows), BATCH):  # bounded script calls for big bodies
+            flags += await self.batcher.submit(rows[start : start + BATCH])
         queued = sum(flags)
         return json.dumps(
             {"queued": queued, "duplicates": len(flags) - queued, "refused": refused}
