@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import intake, ratelimit
+from . import intake, perf, ratelimit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -40,14 +40,32 @@ def run_ratelimit(args: argparse.Namespace) -> dict[str, Any]:
             processes, args.threads, args.limit, args.seconds, args.other_limit
         )
         runs.append(doc)
-    rows = [("workers", "account", "limit/s", "requests", "max in 1 s", "achieved", "wait p50 ms",
-             "wait p99 ms")]  # fmt: skip
+    rows = [
+        (
+            "workers",
+            "account",
+            "limit/s",
+            "requests",
+            "max in 1 s",
+            "achieved",
+            "wait p50 ms",
+            "wait p99 ms",
+        )
+    ]
     for doc in runs:
         for account, a in doc["accounts"].items():
-            rows.append((f"{doc['processes']}x{doc['threads']}", account, str(a["limit_per_s"]),
-                         str(a["requests"]), str(a["max_in_any_1s_window"]),
-                         f"{a['achieved_fraction']:.1%}", str(a["limiter_wait_p50_ms"]),
-                         str(a["limiter_wait_p99_ms"])))  # fmt: skip
+            rows.append(
+                (
+                    f"{doc['processes']}x{doc['threads']}",
+                    account,
+                    str(a["limit_per_s"]),
+                    str(a["requests"]),
+                    str(a["max_in_any_1s_window"]),
+                    f"{a['achieved_fraction']:.1%}",
+                    str(a["limiter_wait_p50_ms"]),
+                    str(a["limiter_wait_p99_ms"]),
+                )
+            )
     print(_table(rows))
     return {"scenario": "ratelimit", "runs": runs}
 
@@ -56,8 +74,15 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     doc = ratelimit.compare(args.processes[0], args.threads, args.limit, args.seconds)
     rows = [("limiter", "requests", "max in 1 s", "limit", "achieved")]
     for name, r in doc["limiters"].items():
-        rows.append((name, str(r["requests"]), str(r["max_in_any_1s_window"]), str(args.limit),
-                     f"{r['achieved_fraction']:.1%}"))  # fmt: skip
+        rows.append(
+            (
+                name,
+                str(r["requests"]),
+                str(r["max_in_any_1s_window"]),
+                str(args.limit),
+                f"{r['achieved_fraction']:.1%}",
+            )
+        )
     print(_table(rows))
     return doc
 
@@ -67,11 +92,21 @@ def run_intake(args: argparse.Namespace) -> dict[str, Any]:
     rows = [("server", "requests/s", "p50 ms", "p90 ms", "p99 ms", "non-2xx")]
     for name in ("ceiling", "intake"):
         r = doc[name]
-        rows.append((name, f"{r['requests_per_s']:,.0f}", str(r.get("p50_ms")), str(r.get("p90_ms")),
-                     str(r.get("p99_ms")), str(r["non_2xx"])))  # fmt: skip
+        rows.append(
+            (
+                name,
+                f"{r['requests_per_s']:,.0f}",
+                str(r.get("p50_ms")),
+                str(r.get("p90_ms")),
+                str(r.get("p99_ms")),
+                str(r["non_2xx"]),
+            )
+        )
     print(_table(rows))
-    print(f"intake / ceiling: {doc['ratio']:.1%} (target >= 70%); "
-          f"reports queued: {doc['intake']['reports_queued']:,}")  # fmt: skip
+    print(
+        f"intake / ceiling: {doc['ratio']:.1%} (target >= 70%); "
+        f"reports queued: {doc['intake']['reports_queued']:,}"
+    )
     return doc
 
 
@@ -84,10 +119,101 @@ def run_servers(args: argparse.Namespace) -> dict[str, Any]:
     return doc
 
 
+def run_perf(args: argparse.Namespace) -> dict[str, Any]:
+    """Every throughput, latency and memory scenario, with its baseline and target."""
+    doc: dict[str, Any] = {"scenario": "perf"}
+    rows = [("figure", "ours", "baseline", "ratio", "target", "met")]
+
+    def row(name: str, ours: str, base: str, ratio: float | None, target: str, met: bool) -> None:
+        shown = "" if ratio is None else f"{ratio:.2f}"
+        rows.append((name, ours, base, shown, target, "yes" if met else "NO"))
+        print(f"{name}: {ours} vs {base} ({shown}) target {target}", file=sys.stderr, flush=True)
+
+    single = doc["producer_single"] = perf.producer_single()
+    row(
+        "enqueue p50 vs LPUSH p50",
+        f"{single['enqueue_p50_us']} us",
+        f"{single['lpush_p50_us']} us",
+        single["ratio_p50"],
+        "<= 5x",
+        single["ratio_p50"] <= 5,
+    )
+    bulk = doc["producer_bulk"] = perf.producer_bulk()
+    row(
+        "bulk enqueue_reports/s",
+        f"{bulk['enqueue_reports_per_s']:,}",
+        f"{bulk['raw_lpush_per_s']:,}",
+        bulk["ratio"],
+        ">= 50,000/s, >= 0.20",
+        bulk["enqueue_reports_per_s"] >= 50_000 and bulk["ratio"] >= 0.2,
+    )
+    row(
+        "bulk enqueue --file/s",
+        f"{bulk['enqueue_file_per_s']:,}",
+        f"{bulk['raw_lpush_per_s']:,}",
+        bulk["enqueue_file_per_s"] / bulk["raw_lpush_per_s"],
+        "-",
+        True,
+    )
+    w = doc["worker_throughput"] = perf.worker_throughput(threads=args.threads)
+    naive = w["naive_celery"]["reports_per_s"]
+    row(
+        "worker, single-report messages/s",
+        f"{w['single_messages']['reports_per_s']:,}",
+        f"naive {naive:,}",
+        w["single_vs_naive"],
+        ">= 0.85",
+        w["single_vs_naive"] >= 0.85,
+    )
+    row(
+        "worker, bulk messages/s",
+        f"{w['bulk_messages']['reports_per_s']:,}",
+        f"naive {naive:,}",
+        w["bulk_vs_naive"],
+        ">= 1,000/s, >= 1.5",
+        w["bulk_messages"]["reports_per_s"] >= 1000 and w["bulk_vs_naive"] >= 1.5,
+    )
+    for name in ("single_messages", "bulk_messages", "naive_celery", "bare_requests"):
+        row(f"CPU ms/report, {name}", str(w[name]["cpu_ms_per_report"]), "-", None, "-", True)
+    lat = doc["latency_bound"] = perf.latency_bound()
+    for t, target in ((16, 0.9), (64, 0.75)):
+        r = lat[f"threads_{t}"]
+        row(
+            f"50 ms API, {t} threads",
+            f"{r['reports_per_s']}/s",
+            f"bound {r['bound_per_s']}/s",
+            r["efficiency"],
+            f">= {target}",
+            r["efficiency"] >= target,
+        )
+    capacity = w["single_messages"]["reports_per_s"]
+    e2e = doc["end_to_end"] = perf.end_to_end(rate=capacity / 2)
+    row(
+        "enqueue->API p99 at 50% load",
+        f"{e2e['p99_ms']} ms",
+        f"p50 {e2e['p50_ms']} ms",
+        None,
+        "<= 250 ms",
+        e2e["p99_ms"] <= 250,
+    )
+    mem = doc["memory"] = perf.memory()
+    row(
+        "worker RSS 10k -> 100k",
+        f"{mem['rss_mb'][100000]} MB",
+        f"{mem['rss_mb'][10000]} MB",
+        1 + mem["growth_10k_to_100k"],
+        "within ±10%",
+        abs(mem["growth_10k_to_100k"]) <= 0.10,
+    )
+    print(_table(rows))
+    return doc
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
-        "scenario", choices=["ratelimit", "ratelimit-compare", "intake", "intake-servers"]
+        "scenario",
+        choices=["perf", "ratelimit", "ratelimit-compare", "intake", "intake-servers"],
     )
     parser.add_argument("--processes", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--threads", type=int, default=16)
@@ -101,6 +227,7 @@ def main() -> int:
         "ratelimit-compare": run_compare,
         "intake": run_intake,
         "intake-servers": run_servers,
+        "perf": run_perf,
     }[args.scenario]
     doc = runner(args)
     print(f"\nwritten to {_save(args.scenario, doc)}", file=sys.stderr)

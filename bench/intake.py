@@ -61,9 +61,21 @@ def _wrk(
     if wrk is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
     out = subprocess.run(
-        [wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
-        capture_output=True, text=True, timeout=seconds + 60, check=True,
-    ).stdout  # fmt: skip
+        [
+            wrk,
+            f"-t{threads}",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=True,
+    ).stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     latency = {}
     for q in ("50", "90", "99"):
@@ -95,8 +107,9 @@ def intake(seconds: int = 10, connections: int = 32) -> dict[str, Any]:
         server = RedisProcess(base / "redis", appendonly=True).start()
         script = base / "post.lua"
         script.write_text(WRK_SCRIPT.replace("%s", KEY))
-        env = service_env(REDIS_URL=server.url, CAPMONSTER_CLIENT_KEY=KEY,
-                          REPORT_FORWARDER_LOG_FORMAT="json")  # fmt: skip
+        env = service_env(
+            REDIS_URL=server.url, CAPMONSTER_CLIENT_KEY=KEY, REPORT_FORWARDER_LOG_FORMAT="json"
+        )
         try:
             for name, enqueue in (("ceiling", False), ("intake", True)):
                 port = free_port()
@@ -105,8 +118,12 @@ def intake(seconds: int = 10, connections: int = 32) -> dict[str, Any]:
                     f"serve(load_settings(), '127.0.0.1', {port}, token=None, "
                     f"client_rate=1e9, enqueue={enqueue})"
                 )
-                proc = subprocess.Popen([sys.executable, "-c", code], env=env,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                proc = subprocess.Popen(
+                    [sys.executable, "-c", code],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
                 try:
                     _wait_port(port)
                     _wrk(f"http://127.0.0.1:{port}", script, 2, connections)  # warm up
@@ -139,16 +156,42 @@ def servers(seconds: int = 8, connections: int = 32) -> dict[str, Any]:
         for name in ("uvicorn", "granian", "hypercorn"):
             port = free_port()
             command = {
-                "uvicorn": [str(bindir / "uvicorn"), "constant_app:app", "--port", str(port),
-                            "--loop", "uvloop", "--http", "httptools", "--no-access-log",
-                            "--log-level", "warning"],
-                "granian": [str(bindir / "granian"), "--interface", "asgi", "--port", str(port),
-                            "--no-ws", "--log-level", "warning", "constant_app:app"],
-                "hypercorn": [str(bindir / "hypercorn"), "constant_app:app", "-b",
-                              f"127.0.0.1:{port}", "--log-level", "warning"],
-            }[name]  # fmt: skip
-            proc = subprocess.Popen(command, cwd=base, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)  # fmt: skip
+                "uvicorn": [
+                    str(bindir / "uvicorn"),
+                    "constant_app:app",
+                    "--port",
+                    str(port),
+                    "--loop",
+                    "uvloop",
+                    "--http",
+                    "httptools",
+                    "--no-access-log",
+                    "--log-level",
+                    "warning",
+                ],
+                "granian": [
+                    str(bindir / "granian"),
+                    "--interface",
+                    "asgi",
+                    "--port",
+                    str(port),
+                    "--no-ws",
+                    "--log-level",
+                    "warning",
+                    "constant_app:app",
+                ],
+                "hypercorn": [
+                    str(bindir / "hypercorn"),
+                    "constant_app:app",
+                    "-b",
+                    f"127.0.0.1:{port}",
+                    "--log-level",
+                    "warning",
+                ],
+            }[name]
+            proc = subprocess.Popen(
+                command, cwd=base, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
             try:
                 _wait_port(port)
                 _wrk(f"http://127.0.0.1:{port}", script, 2, connections)

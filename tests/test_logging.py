@@ -15,6 +15,7 @@ from worker.config import Settings
 from worker.keys import Keys, ref
 from worker.logs import REDACTED, configure, redact, register_secret
 from worker.messages import list_key
+from worker.producer import Producer
 from worker.runtime import Runtime, Sweeper
 from worker.sandbox import Rule, Sandbox
 from worker.testing import WorkerProcesses
@@ -82,15 +83,17 @@ def test_every_documented_event_is_produced(
                 [(51, "image", "slow"), (52, "image", "slow"), (53, "image", "slow")]
             )
             wait_until(lambda: sandbox.count(task_id=53) == 1, timeout=15)
-            # a worker lost mid-flight: its lease runs out and the sweeper re-queues
-            svc.app.control.cancel_consumer(settings.queue, reply=True)
-            svc.producer.enqueue(60, "image")
-            ((raw),) = queued_messages(redis_client, settings.queue)
-            redis_client.delete(list_key(settings.queue, urgent=False))
-            message_id = json.loads(raw)["headers"]["id"]
-            svc.runtime.ledger.claim(ref("default", 60), message_id, 0.01)
+        # a worker lost mid-flight (none runs now): it took report 60's message and its
+        # lease ran out; the next worker's sweeper re-queues and delivers it
+        producer = Producer(settings)
+        producer.enqueue(60, "image")
+        ((raw),) = queued_messages(redis_client, settings.queue)
+        redis_client.delete(list_key(settings.queue, urgent=False))
+        message_id = json.loads(raw)["headers"]["id"]
+        producer.ledger.claim(ref("default", 60), message_id, 0.01)
+        producer.client.close()
+        with running_worker(settings, environ):
             wait_until(lambda: any(x["event"] == "report.recovered" for x in lines))
-            svc.app.control.add_consumer(settings.queue, reply=True)
             wait_until(lambda: sandbox.count(task_id=60) == 1)
         unreachable = redis.Redis(port=1, socket_connect_timeout=1)  # no retries: fail fast
         broken = Runtime(settings, "redis://127.0.0.1:1/0", environ, client=unreachable)

@@ -126,3 +126,36 @@ def test_bulk_refuses_invalid_items_with_their_index_and_queues_the_rest(
     assert "unknown captchaType 'nope'" in result.refused[1].error
     assert "missing taskId" in result.refused[2].error
     assert 3 == queue_length(redis_client, settings.queue)
+
+
+def test_library_use_without_logging_setup(settings: Settings, redis_client: redis.Redis) -> None:
+    """In a producer's own program (structlog not configured), the public API queues and
+    reports duplicates without printing anything, and its lines go to stdlib logging."""
+    import subprocess
+    import sys
+
+    from worker.testing import service_env
+
+    code = (
+        "import logging, worker\n"
+        "assert worker.enqueue_reports([(1, 'image'), (2, 'image')]).queued == 2\n"
+        "r = worker.enqueue_reports([(1, 'image'), (3, 'token')])\n"
+        "assert (r.queued, r.duplicates) == (1, 1), r\n"
+        "assert worker.enqueue_report(2, 'image') == 'duplicate'\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "worker.enqueue_report(2, 'image')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=service_env(REDIS_URL=settings.redis_url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert 0 == result.returncode, result.stderr
+    assert "" == result.stdout
+    assert ["INFO:worker.producer:report.duplicate"] == [
+        line.split(" ")[0] for line in result.stderr.splitlines()
+    ]
+    assert 3 == queue_length(redis_client, settings.queue)

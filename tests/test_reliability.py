@@ -201,18 +201,21 @@ def test_account_fault_pauses_the_account_after_one_call(
 
 
 def test_redelivered_message_never_reports_twice(
-    service: Service, sandbox: Sandbox, redis_client: redis.Redis, settings: Settings
+    settings: Settings, env: dict[str, str], sandbox: Sandbox, redis_client: redis.Redis
 ) -> None:
     """The same Celery message delivered three times (as after a redelivery) reaches the API
     once."""
-    service.app.control.cancel_consumer(settings.queue, reply=True)  # hold the queue
-    service.producer.enqueue(11, "image")
+    from worker.producer import Producer
+
+    producer = Producer(settings)
+    producer.enqueue(11, "image")
     (raw,) = queued_messages(redis_client, settings.queue)
     redis_client.lpush(list_key(settings.queue, urgent=False), raw, raw)
-    service.app.control.add_consumer(settings.queue, reply=True)
-    wait_until(lambda: queue_length(redis_client, settings.queue) == 0)
-    wait_until(lambda: sandbox.count(task_id=11) >= 1)
-    wait_until(lambda: not redis_client.hlen("unacked"))
+    producer.client.close()
+    with running_worker(settings, env):
+        wait_until(lambda: queue_length(redis_client, settings.queue) == 0)
+        wait_until(lambda: sandbox.count(task_id=11) >= 1)
+        wait_until(lambda: not redis_client.hlen("unacked"))
     assert 1 == sandbox.count(task_id=11)
 
 

@@ -72,6 +72,11 @@ def create_app(runtime: Runtime) -> ForwarderApp:
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_send_task_events=False,
         task_send_sent_event=False,
+        # Remote control (Celery's pidbox) is the worker's only Redis pub/sub subscription,
+        # and kombu's handling of that connection across a Redis restart can hang the
+        # worker's event loop or kill the worker (seen in our crash runs, kombu 5.7). Off
+        # unless asked for (`worker --remote-control`, for Flower's inspect views).
+        worker_enable_remote_control=False,
     )
     register(app)
     app.steps["worker"].add(_RuntimeStep)

@@ -122,7 +122,19 @@ def _logging(settings: Settings, level: str | None = None, *, cache: bool = Fals
     help="Serve Prometheus /metrics on this port (0: off).",
 )
 @click.option("--events", is_flag=True, help="Send Celery task events (for Flower).")
-def worker(concurrency: int | None, hostname: str | None, metrics_port: int, events: bool) -> None:
+@click.option(
+    "--remote-control",
+    is_flag=True,
+    help="Answer Celery remote control (inspect, Flower's worker views). Off by default: it "
+    "holds a Redis pub/sub connection that kombu does not carry reliably across a Redis restart.",
+)
+def worker(
+    concurrency: int | None,
+    hostname: str | None,
+    metrics_port: int,
+    events: bool,
+    remote_control: bool,
+) -> None:
     """Run a worker: deliver queued reports until stopped (SIGTERM: finish in-flight ones)."""
     from .celery_app import create_app, worker_options
     from .metrics import Metrics
@@ -143,6 +155,8 @@ def worker(concurrency: int | None, hostname: str | None, metrics_port: int, eve
     if events:
         app.conf.worker_send_task_events = True
         app.conf.task_send_sent_event = True
+    if remote_control:
+        app.conf.worker_enable_remote_control = True
     options = worker_options(settings.queue, concurrency or settings.concurrency)
     node = hostname or f"report-forwarder-{os.getpid()}@{socket.gethostname()}"
     celery_worker = app.Worker(

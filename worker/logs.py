@@ -97,3 +97,51 @@ def configure(
 
 def get_logger(name: str) -> Any:
     return structlog.stdlib.get_logger(name)
+
+
+class _StdlibEvents:
+    """``log.info("event", key=value)`` on a plain stdlib logger: what a library's lines
+    should be when the host application has not configured structlog."""
+
+    def __init__(self, name: str) -> None:
+        self._logger = logging.getLogger(name)
+
+    def _log(self, level: int, event: str, **fields: Any) -> None:
+        if self._logger.isEnabledFor(level):
+            detail = " ".join(f"{k}={v!r}" for k, v in fields.items())
+            self._logger.log(level, "%s %s", event, redact(None, "", {"x": detail})["x"])
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._log(logging.DEBUG, event, **fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._log(logging.INFO, event, **fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._log(logging.WARNING, event, **fields)
+
+
+class LibraryLogger:
+    """For code that also runs inside a producer's application (``worker.enqueue_*``):
+    structlog when it is configured (our CLI and workers), else the stdlib ``logging``
+    tree, so the host application's logging configuration decides what is shown."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._structlog = get_logger(name)
+        self._stdlib = _StdlibEvents(name)
+
+    def _target(self) -> Any:
+        return self._structlog if structlog.is_configured() else self._stdlib
+
+    def debug_enabled(self) -> bool:
+        return logging.getLogger(self.name).isEnabledFor(logging.DEBUG)
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._target().debug(event, **fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._target().info(event, **fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._target().warning(event, **fields)

@@ -8,7 +8,6 @@ what was wrong and what is accepted. A report already pending or accepted for th
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -22,9 +21,9 @@ from .config import Settings, load_settings
 from .errors import ReportError, StoreError
 from .keys import Keys
 from .ledger import Ledger
-from .logs import get_logger
+from .logs import LibraryLogger
 
-log = get_logger("worker.producer")
+log = LibraryLogger("worker.producer")
 
 Result = Literal["queued", "duplicate"]
 MAX_TASK_ID = 2**63 - 1
@@ -141,7 +140,7 @@ class Producer:
         queued = sum(flags)
         result.queued += queued
         result.duplicates += len(flags) - queued
-        if queued != len(flags) or log.isEnabledFor(logging.DEBUG):
+        if queued != len(flags) or log.debug_enabled():
             for row, flag in zip(rows, flags, strict=True):
                 self._note(row, flag)
 
