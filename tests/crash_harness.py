@@ -58,12 +58,19 @@ class RunResult:
     duplicate_calls: int = 0
     kills: list[str] = field(default_factory=list)
     in_flight_at_kills: list[int] = field(default_factory=list)
+    # workers that were not killed but died anyway (e.g. on the Redis restart)
+    workers_died: int = 0
     seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
         bound = len(self.kills) * CONCURRENCY
-        return not self.lost and not self.double_outcomes and self.duplicate_calls <= bound
+        return (
+            not self.lost
+            and not self.double_outcomes
+            and self.duplicate_calls <= bound
+            and not self.workers_died
+        )
 
 
 def run_once(reports: int = 3000, seed: int = 1, workdir: Path | None = None) -> RunResult:
@@ -118,6 +125,10 @@ def run_once(reports: int = 3000, seed: int = 1, workdir: Path | None = None) ->
             server.start()  # same port and directory: it replays its AOF
             feeding.join(120)
             _wait(lambda: _pending(client, keys) == 0, 240)
+            killed = set(victims)
+            result.workers_died = sum(
+                1 for proc in workers.procs if proc not in killed and proc.poll() is not None
+            )
         finally:
             workers.stop_all()
         _verify(result, client, keys, ids, sandbox)

@@ -20,3 +20,4 @@ def test_every_report_reaches_exactly_one_outcome_through_kills(tmp_path: Path) 
     assert 3000 == result.accepted + result.dead_lettered
     assert 3 == len(result.kills)
     assert result.duplicate_calls <= len(result.kills) * CONCURRENCY
+    assert 0 == result.workers_died  # the survivors rode out the Redis restart
