@@ -14,7 +14,7 @@ from worker.config import Settings
 from worker.keys import Keys
 from worker.sandbox import Sandbox
 
-from .conftest import CLIENT_KEY, FAST_RECOVERY, queue_length, running_worker, wait_until
+from .conftest import CLIENT_KEY, FAST_RECOVERY, running_worker, wait_until
 
 Invoke = Callable[..., Result]
 
@@ -94,7 +94,7 @@ def test_csv_with_header_and_bad_lines_reported_by_line_number(
     assert "line 4: unknown captchaType 'NoSuchType'" in result.stderr
     assert "line 7: expected 2 columns" in result.stderr
     assert "queued 2, duplicates 0, refused 3" in result.stderr
-    assert 2 == queue_length(redis_client, settings.queue)
+    assert b"2" == redis_client.get("rf:npending")
 
 
 def test_json_lines_with_bad_json_and_accounts(invoke: Invoke, redis_client: redis.Redis) -> None:

@@ -103,7 +103,9 @@ def test_bulk_enqueue_is_one_round_trip_per_chunk(
     )
     assert (2500, 0) == (result.queued, result.duplicates)
     assert ["EVALSHA"] * 3 == client.sent
-    assert 2501 == queue_length(redis_client, settings.queue)
+    assert b"2501" == redis_client.get("rf:npending")
+    # 20 reports per message on the bulk path: 1 + 2,500 / 20 messages
+    assert 126 == queue_length(redis_client, settings.queue)
 
 
 def test_bulk_refuses_invalid_items_with_their_index_and_queues_the_rest(
@@ -125,7 +127,7 @@ def test_bulk_refuses_invalid_items_with_their_index_and_queues_the_rest(
     assert "invalid taskId -1" in result.refused[0].error
     assert "unknown captchaType 'nope'" in result.refused[1].error
     assert "missing taskId" in result.refused[2].error
-    assert 3 == queue_length(redis_client, settings.queue)
+    assert b"3" == redis_client.get("rf:npending")  # in one bulk message
 
 
 def test_library_use_without_logging_setup(settings: Settings, redis_client: redis.Redis) -> None:
@@ -158,4 +160,4 @@ def test_library_use_without_logging_setup(settings: Settings, redis_client: red
     assert ["INFO:worker.producer:report.duplicate"] == [
         line.split(" ")[0] for line in result.stderr.splitlines()
     ]
-    assert 3 == queue_length(redis_client, settings.queue)
+    assert b"3" == redis_client.get("rf:npending")

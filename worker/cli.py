@@ -29,7 +29,7 @@ from .errors import ConfigError, ForwarderError, ReportError, StoreError
 from .keys import Keys
 from .logs import configure as configure_logging
 from .logs import get_logger
-from .producer import Producer
+from .producer import BULK_PER_MESSAGE, Producer
 
 EXIT_REFUSED, EXIT_CONFIG, EXIT_REDIS = 1, 2, 3
 
@@ -295,7 +295,7 @@ def _enqueue_file(state: _State, file: IO[str], account: str, as_json: bool) -> 
 
     def flush() -> None:
         nonlocal queued, duplicates
-        flags = producer.ledger.enqueue(rows)
+        flags = producer.ledger.enqueue(rows, per_message=BULK_PER_MESSAGE)
         queued += sum(flags)
         duplicates += len(flags) - sum(flags)
         rows.clear()

@@ -54,31 +54,39 @@ def _renderer(fmt: str, stream: Any) -> Any:
 def configure(
     fmt: str = "auto", level: str = "INFO", *, stream: Any = None, cache: bool = True
 ) -> None:
-    """Set up structlog and the stdlib root logger to render through one chain."""
+    """Our lines: structlog's own fast path (a level-filtering logger writing rendered lines
+    to ``stream``). Everyone else's stdlib records (Celery, kombu, redis-py, warnings): the
+    root logger, rendered by the same processors, so every line has one format."""
     stream = stream or sys.stdout
-    shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        redact,
-    ]
+    renderer = _renderer(fmt, stream)
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
-            structlog.stdlib.filter_by_level,
-            *shared,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            _logger_key,
+            stamp,
+            redact,
+            structlog.processors.format_exc_info,
+            renderer,
         ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
         cache_logger_on_first_use=cache,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared,
+        foreign_pre_chain=[
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            stamp,
+            redact,
+        ],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
-            _renderer(fmt, stream),
+            renderer,
         ],
     )
     handler = logging.StreamHandler(stream)
@@ -90,13 +98,22 @@ def configure(
             root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(_FOREIGN_LEVEL)
-    logging.getLogger("worker").setLevel(level.upper())
+    logging.getLogger("worker").setLevel(level.upper())  # for LibraryLogger.debug_enabled
     for name in ("celery", "kombu", "redis", "urllib3", "amqp"):
         logging.getLogger(name).setLevel(_FOREIGN_LEVEL)
 
 
 def get_logger(name: str) -> Any:
-    return structlog.stdlib.get_logger(name)
+    """A structlog logger whose lines carry ``logger=name``."""
+    return structlog.get_logger(logger_name=name)
+
+
+def _logger_key(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Any:
+    """``logger_name`` (bound by :func:`get_logger`) is rendered as ``logger``, like the
+    stdlib records' key."""
+    if "logger_name" in event:
+        event["logger"] = event.pop("logger_name")
+    return event
 
 
 class _StdlibEvents:
