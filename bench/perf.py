@@ -319,14 +319,16 @@ def worker_throughput(n: int = 6000, threads: int = 16, chunk: int = 20) -> dict
     }
 
 
-def latency_bound(latency_ms: float = 50.0, threads: tuple[int, ...] = (16, 64)) -> dict[str, Any]:
+def latency_bound(
+    latency_ms: float = 50.0, threads: tuple[int, ...] = (16, 64), per_message: int = 1
+) -> dict[str, Any]:
     """With a 50 ms API: reports/s against the bound concurrency / latency."""
-    out: dict[str, Any] = {"latency_ms": latency_ms}
+    out: dict[str, Any] = {"latency_ms": latency_ms, "reports_per_message": per_message}
     for t in threads:
         bound = t / (latency_ms / 1000)
         n = int(bound * 8)
         with stack(latency_ms) as s:
-            result = _drain(s["env"], s["base"], n, t, 1, f"lat{t}")
+            result = _drain(s["env"], s["base"], n, t, per_message, f"lat{t}-{per_message}")
         out[f"threads_{t}"] = {
             **result,
             "bound_per_s": round(bound),
