@@ -66,7 +66,9 @@ def create_app(runtime: Runtime) -> ForwarderApp:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
-        worker_prefetch_multiplier=1,
+        # one message ready behind each busy thread, so a thread that finishes does not wait
+        # for a Redis round trip before its next report (more would hoard work)
+        worker_prefetch_multiplier=2,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
