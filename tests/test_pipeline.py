@@ -12,37 +12,10 @@ from worker.config import Settings
 from worker.sandbox import Sandbox
 
 from .conftest import CLIENT_KEY, Service, all_redis_bytes, queued_messages, wait_until
+from .test_captcha_types import IMAGE_NAMES, TOKEN_NAMES
 
-IMAGE_TYPES = ["ImageToTextTask", "ComplexImageTask", "image"]
-TOKEN_TYPES = [
-    "RecaptchaV2Task",
-    "RecaptchaV2EnterpriseTask",
-    "RecaptchaV3TaskProxyless",
-    "RecaptchaV3EnterpriseTask",
-    "NoCaptchaTask",
-    "NoCaptchaTaskProxyless",
-    "RecaptchaV2TaskProxyless",
-    "HCaptchaTask",
-    "HCaptchaTaskProxyless",
-    "GeeTestTask",
-    "GeeTestTaskProxyless",
-    "TurnstileTask",
-    "TurnstileTaskProxyless",
-    "FunCaptchaTask",
-    "FunCaptchaTaskProxyless",
-    "AmazonTask",
-    "BinanceTask",
-    "MTCaptchaTask",
-    "ProsopoTask",
-    "YidunTask",
-    "CustomTask",
-    "token",
-    "recaptcha",
-    "hcaptcha",
-    "geetest",
-    "turnstile",
-    "funcaptcha",
-]  # fmt: skip (DESIGN.md §2, verbatim)
+IMAGE_TYPES = list(IMAGE_NAMES)  # DESIGN.md §2, kept once in test_captcha_types
+TOKEN_TYPES = list(TOKEN_NAMES)
 
 
 def test_every_type_name_reaches_its_endpoint_with_exactly_the_documented_body(

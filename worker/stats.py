@@ -12,21 +12,14 @@ from typing import Any
 import redis
 
 from .config import Settings
+from .deadletter import REASONS
 from .keys import Keys
 from .messages import list_keys
 from .ratelimit import Limiter
 
 WINDOWS_MIN = (1, 5, 15)
 SPARK_SECONDS = 60
-TERMINAL = (
-    "accepted",
-    "rejected",
-    "account_fault",
-    "account_paused",
-    "expired",
-    "retries_exhausted",
-    "poison",
-)
+TERMINAL = ("accepted", *REASONS)  # every terminal outcome: accepted, or a dead letter
 
 
 def _text(value: Any) -> str:
