@@ -191,9 +191,10 @@ def _summary(runtime: Any, sandbox: Sandbox, total: int, elapsed: float, out: An
         "(including retries' 2 s backoff)",
         err=True,
     )
+    config = runtime.settings.sources[-1]
     click.echo(
-        "next: `report-forwarder dead-letters list` (with REPORT_FORWARDER_CONFIG pointing at "
-        "a config using this demo's key_prefix) — or run a real worker: see README.",
+        f"see them: report-forwarder --config {config} dead-letters list   "
+        f"(or: stats, dead-letters replay --reason account_paused)",
         err=True,
     )
     del out
