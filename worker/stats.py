@@ -83,7 +83,7 @@ def snapshot(
                 by_kind[kind][outcome] += count
                 if code:
                     by_code[code] += count
-        done = sum(by_outcome[o] for o in TERMINAL)
+        done = sum(by_outcome.get(o, 0) for o in TERMINAL)
         windows[f"{span}m"] = {
             "by_outcome": dict(by_outcome),
             "by_kind": {k: dict(v) for k, v in by_kind.items()},
