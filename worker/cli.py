@@ -471,7 +471,7 @@ def dl_replay(
     """Queue dead letters again (fresh deadline, normal path), removing them as they go."""
     letters = _dead().select(ids, _make_filters(reason, ctype, account, since), everything)
     result = replay(_state().producer, letters)
-    refused = result.refused or []
+    refused = result.refused
     if as_json:
         click.echo(
             json.dumps(

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .captcha_types import KINDS, CaptchaType, CaptchaTypes
+from .captcha_types import CaptchaType, CaptchaTypes
 from .errors import ConfigError, ReportError
 
 DEFAULT_FILES = ("report-forwarder.toml", "providers.toml", "captcha-types.toml")
@@ -343,7 +343,7 @@ def _build(
 def _providers(r: _Reader) -> dict[str, Provider]:
     table = r.get("providers", {})
     providers = {}
-    for name, spec in table.items():
+    for name in table:
         endpoints = r.get(f"providers.{name}.endpoints", {})
         if not isinstance(endpoints, Mapping) or not endpoints:
             raise r.fail(f"providers.{name}.endpoints", endpoints, "a table of family = path")
@@ -365,7 +365,6 @@ def _providers(r: _Reader) -> dict[str, Provider]:
             deadline_s=r.number(f"providers.{name}.deadline_s", minimum=1),
             error_codes=dict(codes),
         )
-        del spec
     return providers
 
 
@@ -411,6 +410,4 @@ def _accounts(
             base_url=base_url,
             deadline_s=deadline,
         )
-    for kind in KINDS:
-        del kind
     return accounts

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import redis
@@ -198,13 +198,13 @@ class DeadLetters:
 class ReplayResult:
     replayed: int = 0
     duplicates: int = 0
-    refused: list[tuple[str, str]] | None = None
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (id, why kept)
 
 
 def replay(producer: Producer, letters: Sequence[DeadLetter], chunk: int = _PAGE) -> ReplayResult:
     """Queue ``letters`` again with a fresh deadline; each entry is removed as it is queued.
     A letter that no longer validates (type or account removed) stays, and is reported."""
-    result = ReplayResult(refused=[])
+    result = ReplayResult()
     rows = []
     for letter in letters:
         try:
@@ -212,7 +212,6 @@ def replay(producer: Producer, letters: Sequence[DeadLetter], chunk: int = _PAGE
                 producer.row(letter.task_id, letter.captcha_type, letter.account, letter.id)
             )
         except ReportError as exc:
-            assert result.refused is not None
             result.refused.append((letter.id, str(exc)))
     for start in range(0, len(rows), chunk):
         flags = producer.ledger.enqueue(rows[start : start + chunk])

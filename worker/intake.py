@@ -43,7 +43,7 @@ from .ledger import ENQUEUE_SCRIPT, enqueue_args, parse_flags
 from .logs import get_logger, register_secret
 from .messages import list_keys
 from .metrics import Metrics
-from .producer import fields, validate
+from .producer import fields, parse_task_id, validate
 
 log = get_logger("worker.intake")
 
@@ -279,10 +279,13 @@ class Intake:
         if account is None:
             raise _Refusal(200, "ERROR_KEY_DOES_NOT_EXIST", "no account has this clientKey")
         try:
+            parse_task_id(doc.get("taskId"))
+        except ReportError as exc:
+            raise _Refusal(400, "ERROR_NO_SUCH_CAPCHA_ID", str(exc)) from exc
+        try:  # the account's provider may have no endpoint for this kind of report
             row = validate(self.settings, doc.get("taskId"), report_type, account)
         except ReportError as exc:
-            code = "ERROR_NO_SUCH_CAPCHA_ID" if "taskId" in str(exc) else "ERROR_NO_SUCH_METHOD"
-            raise _Refusal(400, code, str(exc)) from exc
+            raise _Refusal(400, "ERROR_NO_SUCH_METHOD", str(exc)) from exc
         if self.enqueue_enabled:
             assert self.batcher is not None
             await self.batcher.submit([row])

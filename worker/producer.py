@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -79,11 +79,20 @@ def validate(
     """One report as the ledger's enqueue row, or :class:`ReportError` naming what is wrong:
     (account, task_id, type, kind, deadline, dead-letter id or '')."""
     number = parse_task_id(task_id)
+    acct_name, type_name, kind, deadline_s = resolve(settings, captcha_type, account)
+    deadline = time.time() + deadline_s
+    return [acct_name, number, type_name, kind, f"{deadline:.3f}", dead_id]
+
+
+def resolve(
+    settings: Settings, captcha_type: object, account: object
+) -> tuple[str, str, str, float]:
+    """(account, canonical type, kind, deadline seconds) of a report, or ReportError (also
+    for a type the account's provider cannot report)."""
     ctype = settings.captcha_types.resolve(captcha_type)
     acct = settings.account(account)
-    acct.endpoint_for(ctype)  # refuses a type this provider cannot report
-    deadline = time.time() + acct.deadline_s
-    return [acct.name, number, ctype.name, ctype.kind, f"{deadline:.3f}", dead_id]
+    acct.endpoint_for(ctype)
+    return acct.name, ctype.name, ctype.kind, acct.deadline_s
 
 
 def fields(item: Any) -> tuple[object, object, object]:
@@ -121,13 +130,11 @@ class Producer:
 
         def make(task_id: object, captcha_type: object, account: object) -> list[Any]:
             key = (captcha_type, account)
-            found = resolved.get(key) if isinstance(captcha_type, str) else None
+            cacheable = isinstance(captcha_type, str) and isinstance(account, str)
+            found = resolved.get(key) if cacheable else None
             if found is None:
-                ctype = settings.captcha_types.resolve(captcha_type)
-                acct = settings.account(account)
-                acct.endpoint_for(ctype)
-                found = (acct.name, ctype.name, ctype.kind, acct.deadline_s)
-                if isinstance(captcha_type, str) and isinstance(account, str):
+                found = resolve(settings, captcha_type, account)
+                if cacheable:
                     resolved[key] = found
             if type(task_id) is int and 0 < task_id <= MAX_TASK_ID:
                 number = task_id
@@ -233,14 +240,3 @@ def enqueue_report(task_id: int, captcha_type: str, account: str = "default") ->
 def enqueue_reports(items: Iterable[Any], *, chunk: int = CHUNK) -> BulkResult:
     """Queue many reports (mappings or tuples), one Redis round trip per ``chunk``."""
     return default_producer().enqueue_many(items, chunk=chunk)
-
-
-def iter_chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    chunk: list[Any] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
