@@ -16,6 +16,8 @@ from .errors import (
     PermanentUpstreamError,
     ReportError,
     StoreError,
+    StoreFullError,
+    StoreUnreachableError,
     TransientUpstreamError,
     UpstreamError,
 )
@@ -31,6 +33,8 @@ __all__ = [
     "Refused",
     "ReportError",
     "StoreError",
+    "StoreFullError",
+    "StoreUnreachableError",
     "TransientUpstreamError",
     "UpstreamError",
     "__version__",

@@ -5,7 +5,9 @@
     ForwarderError                  base: catch everything we raise on purpose
     ├── ConfigError                 bad file or environment value -> exit 2, naming key and value
     ├── ReportError                 invalid taskId / captchaType / account -> refused at enqueue
-    ├── StoreError                  Redis unreachable after retries (nothing was accepted)
+    ├── StoreError                  Redis failed the call (nothing was accepted) -> exit 3
+    │   ├── StoreUnreachableError   cannot connect / timed out, after the bounded retries
+    │   └── StoreFullError          Redis is out of memory (maxmemory, noeviction)
     └── UpstreamError               an answer (or no answer) from the captcha API
         ├── TransientUpstreamError  retry with backoff
         └── PermanentUpstreamError  dead-letter now
@@ -30,7 +32,16 @@ class ReportError(ForwarderError, ValueError):
 
 
 class StoreError(ForwarderError):
-    """Redis could not be reached (after retries); nothing was accepted."""
+    """Redis failed the call (after retries); nothing was accepted. Worth retrying later."""
+
+
+class StoreUnreachableError(StoreError):
+    """Redis could not be reached, or did not answer in time, after the bounded retries."""
+
+
+class StoreFullError(StoreError):
+    """Redis refused a write because it is out of memory (``maxmemory`` with ``noeviction``).
+    Scripts write all or nothing, so nothing of the failed call was kept."""
 
 
 class UpstreamError(ForwarderError):

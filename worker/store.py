@@ -9,7 +9,7 @@ from redis.retry import Retry
 
 from . import embedded
 from .config import Settings
-from .errors import StoreError
+from .errors import StoreError, StoreFullError, StoreUnreachableError
 
 # Retried for about 30 s in all: long enough for a Redis restart that replays its AOF.
 _RETRIES = 12
@@ -55,3 +55,21 @@ def describe(url: str) -> str:
     credentials, _, host = rest.rpartition("@")
     user = credentials.split(":", 1)[0]
     return f"{scheme}://{user + ':' if user else ''}****@{host}"
+
+
+def translate(exc: BaseException, url: str | None = None, doing: str = "") -> StoreError:
+    """The project's error for a redis-py failure: full (OOM), unreachable, or other.
+
+    ``doing`` says what was being attempted ("could not enqueue"); ``url`` names the Redis
+    tried (password masked)."""
+    where = f" at {describe(url)}" if url else ""
+    prefix = f"{doing}: " if doing else ""
+    text = str(exc)
+    if isinstance(exc, redis.ResponseError) and text.startswith("OOM"):
+        return StoreFullError(
+            f"{prefix}Redis{where} is out of memory (maxmemory reached, noeviction): nothing "
+            "was written; free memory or raise maxmemory, then retry"
+        )
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError | OSError):
+        return StoreUnreachableError(f"{prefix}Redis{where} is unreachable ({text})")
+    return StoreError(f"{prefix}Redis{where} failed the call ({type(exc).__name__}: {text})")
