@@ -8,6 +8,7 @@ import time
 import pytest
 import redis
 
+from worker.errors import StoreFullError
 from worker.keys import UNACKED, Keys
 from worker.ledger import Claim, Ledger
 from worker.messages import list_keys, template
@@ -101,7 +102,7 @@ def test_message_lost_between_pop_and_unacked_record_is_requeued(
     producer: Producer, ledger: Ledger, redis_client: redis.Redis
 ) -> None:
     """A message popped but never recorded in kombu's unacked hash (its worker was killed in
-    between) is re-queued once a later message has started and the grace period passed."""
+    between) is handed to a new message once a later one was taken and the grace passed."""
     producer.enqueue(7, "image")
     producer.enqueue(8, "image")
     _pop(redis_client, "reports")  # 7's message: popped, then its worker died
@@ -109,25 +110,142 @@ def test_message_lost_between_pop_and_unacked_record_is_requeued(
     assert isinstance(ledger.claim("default:8", later, 30), Claim)  # a later one started
     assert [] == ledger.sweep(lease_s=30, max_deliveries=3, lost_grace_s=0.05)  # suspect
     events = wait_until(lambda: ledger.sweep(lease_s=30, max_deliveries=3, lost_grace_s=0.05))
-    assert [("lost", REF)] == [(e.kind, e.subject) for e in events]
+    assert [("orphaned", REF)] == [(e.kind, e.subject) for e in events]
     again, refs = _pop(redis_client, "reports")
     assert [REF] == refs
     assert isinstance(ledger.claim(REF, again, 30), Claim)
 
 
-def test_message_held_by_a_worker_is_not_taken_for_lost(
+def test_message_held_by_a_live_worker_is_not_taken_for_lost(
     producer: Producer, ledger: Ledger, redis_client: redis.Redis
 ) -> None:
-    """A message in kombu's unacked hash (prefetched by a live worker) is left alone."""
+    """A message a live worker's heartbeat lists (prefetched, in kombu's unacked hash) is
+    left alone, however long it waits."""
     producer.enqueue(7, "image")
     producer.enqueue(8, "image")
     held, _ = _pop(redis_client, "reports")
     redis_client.hset(UNACKED, held, "[]")
     later, _ = _pop(redis_client, "reports")
-    ledger.claim("default:8", later, 30)
+    ledger.claim("default:8", later, 30, worker="w1")
     for _ in range(3):
+        ledger.heartbeat("w1", [held, later])
         assert [] == ledger.sweep(lease_s=30, max_deliveries=3, lost_grace_s=0.0)
     assert 0 == queue_length(redis_client)
+    assert b"[]" == redis_client.hget(UNACKED, held)
+
+
+def test_last_message_popped_and_lost_is_found_without_a_later_one(
+    producer: Producer, ledger: Ledger, redis_client: redis.Redis
+) -> None:
+    """The tail of a backlog popped and lost (kombu's unacked write refused: Redis full) is
+    found too: its list is empty, so every unheld message of that list has been popped."""
+    producer.enqueue_many([(7, "image"), (8, "image")])
+    _pop(redis_client, "reports")  # the only message: popped, never recorded anywhere
+    assert 0 == queue_length(redis_client)
+    assert [] == ledger.sweep(lease_s=30, max_deliveries=3, lost_grace_s=0.05)  # suspect
+    events = wait_until(lambda: ledger.sweep(lease_s=30, max_deliveries=3, lost_grace_s=0.05))
+    assert {("orphaned", "default:7"), ("orphaned", "default:8")} == {
+        (e.kind, e.subject) for e in events
+    }
+    again, refs = _pop(redis_client, "reports")
+    assert ["default:7", "default:8"] == refs
+    assert isinstance(ledger.claim("default:7", again, 30), Claim)
+
+
+def test_started_message_given_up_by_its_worker_hands_on_its_other_reports(
+    producer: Producer, ledger: Ledger, redis_client: redis.Redis
+) -> None:
+    """A worker that claimed a message's first report and then lost it (acked without
+    finishing: a failed store write, an exception) leaves the rest queued for that message;
+    once no live worker holds it, the rest go to a new message."""
+    producer.enqueue_many([(7, "image"), (8, "image")])
+    message_id, refs = _pop(redis_client, "reports")
+    assert isinstance(ledger.claim(refs[0], message_id, 30, worker="w1"), Claim)
+    ledger.heartbeat("w1", [])  # alive, but no longer holding the message
+    assert [] == ledger.sweep(lease_s=30, max_deliveries=3, lost_grace_s=0.05)
+    events = wait_until(lambda: ledger.sweep(lease_s=30, max_deliveries=3, lost_grace_s=0.05))
+    assert [("orphaned", "default:8")] == [(e.kind, e.subject) for e in events]
+    again, refs = _pop(redis_client, "reports")
+    assert ["default:8"] == refs
+
+
+def test_done_hands_back_the_reports_not_reached(
+    producer: Producer, ledger: Ledger, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """A worker that stops mid-message (shutdown) hands the rest back at once: one new
+    message with exactly the reports it did not reach; the message is forgotten."""
+    producer.enqueue_many([(7, "image"), (8, "image"), (9, "image")])
+    message_id, _ = _pop(redis_client, "reports")
+    ledger.claim("default:7", message_id, 30, worker="w1")
+    ledger.finish("default:7", message_id, "accepted", attempts=1)
+    assert 2 == ledger.done(message_id)
+    again, refs = _pop(redis_client, "reports")
+    assert ["default:8", "default:9"] == refs
+    assert again != message_id
+    assert not redis_client.hexists(keys.msgrefs, message_id)
+    assert 0 == redis_client.zcard(keys.started)
+    assert 2 == ledger.done(again)  # nothing of the new one was reached either
+
+
+def test_dead_worker_reports_are_back_in_flight_at_once(
+    producer: Producer, ledger: Ledger, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """When a worker's heartbeat stops, the sweep re-queues the report it was sending and
+    hands on the messages it held (prefetched), without waiting for leases or kombu's
+    visibility timeout; a live worker's reports are untouched."""
+    producer.enqueue(7, "image")
+    producer.enqueue(8, "image")
+    producer.enqueue(9, "image")
+    running, _ = _pop(redis_client, "reports")
+    prefetched, _ = _pop(redis_client, "reports")
+    other, _ = _pop(redis_client, "reports")
+    redis_client.hset(UNACKED, prefetched, "[]")
+    assert isinstance(ledger.claim(REF, running, 600, worker="dead"), Claim)
+    assert isinstance(ledger.claim("default:9", other, 600, worker="live"), Claim)
+    ledger.heartbeat("dead", [running, prefetched], timeout_s=0.3)
+    ledger.sweep(lease_s=600, max_deliveries=3, lost_grace_s=30, worker_timeout_s=0.3)
+
+    def beat_and_sweep() -> list[tuple[str, str]]:
+        ledger.heartbeat("live", [other], timeout_s=0.3)
+        events = ledger.sweep(lease_s=600, max_deliveries=3, lost_grace_s=30, worker_timeout_s=0.3)
+        return [(e.kind, e.subject) for e in events]
+
+    events = wait_until(beat_and_sweep)
+    assert {("worker_lost", REF), ("orphaned", "default:8"), ("worker_dead", "dead")} == set(events)
+    assert not redis_client.hexists(UNACKED, prefetched)  # kombu will not restore it too
+    assert 0 == redis_client.exists(keys.running("dead"), keys.held("dead"))
+    assert b"r" == redis_client.hget(keys.report("default", 9), "s")  # the live one's
+    assert 2 == queue_length(redis_client)
+
+
+def test_no_worker_is_taken_for_dead_right_after_a_stall(
+    producer: Producer, ledger: Ledger, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """After a gap in the sweeps (Redis paused, the fleet stalled) stale heartbeats are given
+    one more timeout: a stall is not a death."""
+    producer.enqueue(7, "image")
+    running, _ = _pop(redis_client, "reports")
+    ledger.claim(REF, running, 600, worker="w1")
+    ledger.heartbeat("w1", [running], timeout_s=0.3)
+    now = float(redis_client.time()[0])
+    redis_client.set(keys.prefix + ":lastsweep", f"{now - 60:.6f}")  # the last sweep: long ago
+    redis_client.zadd(keys.workers, {"w1": now - 60})  # and so the last beat
+    assert [] == ledger.sweep(lease_s=600, max_deliveries=3, lost_grace_s=30, worker_timeout_s=0.3)
+    assert b"r" == redis_client.hget(keys.report("default", 7), "s")
+
+
+def test_fleet_runs_an_account_under_the_strictest_declared_limit(
+    ledger: Ledger, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """Two workers configured differently for one account: both get the stricter limit;
+    when the strict one leaves, the other's own applies again."""
+    strict = ("default", 1.025 / 50, 50, 1.025)
+    loose = ("default", 1.025 / 200, 200, 1.025)
+    assert {"default": loose[1:]} == ledger.heartbeat("loose", [], [loose])
+    assert {"default": strict[1:]} == ledger.heartbeat("strict", [], [strict])
+    assert {"default": strict[1:]} == ledger.heartbeat("loose", [], [loose])
+    ledger.unregister("strict", ["default"])
+    assert {"default": loose[1:]} == ledger.heartbeat("loose", [], [loose])
 
 
 def test_due_retry_is_requeued_and_not_before(
@@ -186,3 +304,43 @@ def test_template_is_what_the_queue_gets(producer: Producer, redis_client: redis
     message_id = json.loads(raw)["headers"]["id"]
     expected = template("reports").replace("@ID@", message_id).replace("@REFS@", '\\"default:7\\"')
     assert expected.encode() == raw
+
+
+def _everything(client: redis.Redis) -> dict[bytes, bytes | None]:
+    return {key: client.dump(key) for key in client.scan_iter(count=1000)}
+
+
+def test_every_script_writes_all_or_nothing_when_redis_is_full(
+    producer: Producer, ledger: Ledger, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """Under maxmemory with noeviction, each ledger script fails with StoreFullError before
+    writing anything (no half-claimed report, no message gone from every structure), and
+    works again once memory is back."""
+    producer.enqueue_many([(7, "image"), (8, "image")])
+    producer.enqueue(9, "image")
+    message_id, _ = _pop(redis_client, "reports")
+    claim = ledger.claim(REF, message_id, 30, worker="w1")
+    assert isinstance(claim, Claim)
+    ledger.heartbeat("w1", [message_id])
+    before = _everything(redis_client)
+    calls = {
+        "enqueue": lambda: ledger.enqueue([producer.row(10, "image")]),
+        "claim": lambda: ledger.claim("default:8", message_id, 30, worker="w1"),
+        "finish accepted": lambda: ledger.finish(REF, message_id, "accepted", attempts=1),
+        "finish retry": lambda: ledger.finish(REF, message_id, "retry", attempts=1, due=1.0),
+        "finish dead": lambda: ledger.finish(REF, message_id, "dead", attempts=1, reason="x"),
+        "done": lambda: ledger.done(message_id),
+        "sweep": lambda: ledger.sweep(lease_s=30, max_deliveries=3, lost_grace_s=0.0),
+        "heartbeat": lambda: ledger.heartbeat("w1", [], [("default", 0.02, 50, 1.025)]),
+        "pause": lambda: ledger.pause("default", 60, "{}"),
+    }
+    redis_client.config_set("maxmemory-policy", "noeviction")
+    redis_client.config_set("maxmemory", 1)
+    try:
+        for name, call in calls.items():
+            with pytest.raises(StoreFullError, match="out of memory"):
+                call()
+            assert before == _everything(redis_client), f"{name} wrote something"
+    finally:
+        redis_client.config_set("maxmemory", 0)
+    assert 1 == ledger.done(message_id)  # works again: 8 handed back (7 is running)

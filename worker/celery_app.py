@@ -6,13 +6,18 @@ starts the runtime's sweeper with the worker and stops it with the worker.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from celery import Celery, bootsteps, signals
 
 from . import store
+from .messages import TASK_NAME
 from .runtime import Runtime
 from .tasks import register
+
+# the runtimes of the workers running in this process (tests run several)
+_RUNNING: weakref.WeakSet[Runtime] = weakref.WeakSet()
 
 
 class ForwarderApp(Celery):
@@ -26,12 +31,32 @@ class _RuntimeStep(bootsteps.StartStopStep):
 
     def start(self, parent: Any) -> None:
         parent.app.runtime.start()
+        _RUNNING.add(parent.app.runtime)
 
     def stop(self, parent: Any) -> None:
         parent.app.runtime.stop()
+        _RUNNING.discard(parent.app.runtime)
 
     def terminate(self, parent: Any) -> None:  # cold shutdown calls this instead of stop
-        parent.app.runtime.stop()
+        parent.app.runtime.stop(timeout_s=0)
+        _RUNNING.discard(parent.app.runtime)
+
+
+@signals.task_received.connect
+def _hold(request: Any = None, **_kwargs: Any) -> None:
+    """A message reached this worker (prefetched or to run now): its heartbeat lists it."""
+    if request is not None and request.name == TASK_NAME:
+        runtime = getattr(request.task.app, "runtime", None)
+        if runtime is not None:
+            runtime.received(request.id)
+
+
+@signals.worker_shutting_down.connect
+def _shutting_down(**_kwargs: Any) -> None:
+    """SIGTERM (warm shutdown): every thread finishes its report in flight and hands the
+    rest of its message back at once, so the worker exits within one report's time."""
+    for runtime in list(_RUNNING):
+        runtime.begin_shutdown()
 
 
 @signals.setup_logging.connect

@@ -14,11 +14,24 @@ Ledger indexes (the Lua scripts in ``ledger.py`` keep them in step with the entr
                                report is re-queued after this)
 ``{p}:msgs``           ZSET    message id -> sequence, for normal-list messages not yet started
 ``{p}:seq``            STRING  normal-list message sequence (INCR per message pushed)
-``{p}:seen``           STRING  highest normal-list sequence a worker has started
-``{p}:umsgs``, ``{p}:useq``, ``{p}:useen``  the same for the urgent list (re-queued reports)
-``{p}:msgrefs``        HASH    message id -> "pushed_at|ref,ref,..."
-``{p}:suspect``        HASH    message id -> when it was first seen missing
+``{p}:umsgs``, ``{p}:useq``  the same for the urgent list (re-queued reports)
+``{p}:started``        ZSET    message id -> when a worker claimed its first report; until the
+                               worker says it is done with the message
+``{p}:msgrefs``        HASH    message id -> "pushed_at|ref,ref,..." (until the message is done)
+``{p}:suspect``        HASH    message id -> when it was first seen held by no live worker
+                               and waiting in no list (an orphan after the grace period)
 ``{p}:npending``       STRING  reports enqueued and not yet at a terminal outcome
+
+Workers (each worker process has an id; its heartbeat thread beats every second):
+
+``{p}:workers``        ZSET    worker id -> its last heartbeat (Redis's clock)
+``{p}:held:{worker}``  SET     message ids the worker has received and not finished
+``{p}:running:{worker}`` SET   refs the worker has claimed and not finished
+``{p}:decl:{acct}``    HASH    worker id -> the rate limit it is configured with
+``{p}:limit:{acct}``   STRING  the account's effective limit: the strictest a live worker declares
+``{p}:lastsweep``, ``{p}:stallguard``  when the last sweep ran; a stall in sweeps suspends
+                               dead-worker detection for one timeout
+``{p}:oom``            STRING  written (SETNX) first by every script: see ``ledger.py``
 
 Shared:
 
@@ -40,6 +53,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 UNACKED = "unacked"  # kombu's redis transport default unacked_key
+UNACKED_INDEX = "unacked_index"  # ... and its unacked_index_key
 STATS_TTL_S = 2 * 86400
 
 
@@ -83,12 +97,21 @@ class Keys:
         return f"{self.prefix}:useq"
 
     @property
-    def seen(self) -> str:
-        return f"{self.prefix}:seen"
+    def started(self) -> str:
+        return f"{self.prefix}:started"
 
     @property
-    def useen(self) -> str:
-        return f"{self.prefix}:useen"
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
+    def held(self, worker: str) -> str:
+        return f"{self.prefix}:held:{worker}"
+
+    def running(self, worker: str) -> str:
+        return f"{self.prefix}:running:{worker}"
+
+    def limit(self, account: str) -> str:
+        return f"{self.prefix}:limit:{account}"
 
     @property
     def npending(self) -> str:

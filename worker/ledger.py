@@ -6,8 +6,11 @@ A report's life (``keys.py`` lists the keys)::
                   ▲                  │  ├────finish──► dead letter         (entry deleted)
                   │                  │  └─finish(retry|defer)─► waiting ──sweep (due)──┐
                   └──────────────────┴─────────────────────────────────────────────────┘
-                  ▲   sweep: lease expired (worker killed) → queued again, or "poison"
-                  └── sweep: message lost in kombu's pop window → queued again
+                  ▲   sweep: lease expired, or its worker's heartbeat stopped → queued
+                  │          again, or "poison"
+                  └── sweep: its message is held by no live worker and waits in no list
+                             (a killed worker's prefetch, kombu's pop window, a failed
+                             write) → handed to a new message
 
 Why a ledger: kombu's Redis transport pops a message before it records it as unacked, so a
 worker killed in between loses it (DESIGN.md §7). The ledger is written in the same script
@@ -18,8 +21,18 @@ duplicated message never sends a report twice, and an accepted report is never s
 
 Two lists per queue (see ``messages.py``): new reports in the normal list, re-queued ones
 (retries, deferred, recovered) in the urgent list that workers drain first. Each list is
-FIFO with its own message sequence, so "a message older than one a worker has started, and
-not in kombu's unacked hash" means exactly "popped and lost".
+FIFO with its own message sequence. A message is accounted for while it waits in its list
+(its sequence is not older than the list's oldest) or while a live worker holds it (each
+worker's heartbeat lists the messages it has received and not finished). Any other message
+whose reports are still queued for it is an orphan: after ``lost_grace_s`` its reports go
+to a new message. A worker whose heartbeat stops for ``worker_timeout_s`` is dead: its
+reports in flight are re-queued and its messages handed on at once, so a killed worker's
+reports are back in seconds, not after kombu's visibility timeout.
+
+Out of memory: under ``maxmemory`` with ``noeviction`` Redis refuses a script's *first*
+write that needs memory, and lets the rest of a script that has written once run to its
+end. Every script here therefore starts with such a write (``guard``): a script either
+fails before writing anything, or completes. Nothing is half-written.
 
 Scripts take the key prefix and build key names from it (see ``keys.py``); report keys
 are dynamic, so this layout targets a single Redis server or a replica set, not Cluster.
@@ -34,11 +47,18 @@ from typing import Any
 
 import redis
 
-from . import messages, ratelimit
-from .keys import UNACKED, Keys
+from . import guarded, messages, ratelimit
+from .keys import UNACKED, UNACKED_INDEX, Keys
+
+# The heartbeat: how often a worker says it is alive, and how long without one before the
+# sweep (any worker's) takes it for dead and hands its reports on.
+HEARTBEAT_S = 1.0
+WORKER_TIMEOUT_S = 5.0
 
 _COMMON = """
 local p = ARGV[1]
+-- the script's first write needs memory: under OOM the script fails here, before any write
+local function guard() redis.call('SETNX', p .. ':oom', '1') end
 -- a message template split at its @ID@ and @REFS@ placeholders, once per script call
 local function compile(tpl)
   local parts, holes, pos = {}, {}, 1
@@ -77,6 +97,36 @@ local function push(refs, now, tag, list, compiled)
   for _, r in ipairs(refs) do redis.call('HSET', p .. ':r:' .. r, 's', 'q', 'm', id, 'q', now) end
   send(id, seq, refs, now, tag, list, compiled)
   return id
+end
+-- forget a message: its reports are finished or handed on (kombu's copy too, if asked)
+local function forget(id, unacked, uindex)
+  redis.call('ZREM', p .. ':msgs', id)
+  redis.call('ZREM', p .. ':umsgs', id)
+  redis.call('ZREM', p .. ':started', id)
+  redis.call('HDEL', p .. ':msgrefs', id)
+  redis.call('HDEL', p .. ':suspect', id)
+  if unacked then
+    redis.call('HDEL', unacked, id)
+    redis.call('ZREM', uindex, id)
+  end
+end
+-- the reports still queued for message id
+local function queued_refs(id)
+  local entry = redis.call('HGET', p .. ':msgrefs', id) or ''
+  local refs = {}
+  for r in string.gmatch(string.match(entry, '|(.*)$') or '', '[^,]+') do
+    local f = redis.call('HMGET', p .. ':r:' .. r, 's', 'm')
+    if f[1] == 'q' and f[2] == id then refs[#refs + 1] = r end
+  end
+  return refs
+end
+-- hand a message's still-queued reports to one new urgent message; forget the old one
+local function hand_back(id, now, list, compiled, unacked, uindex)
+  local refs = queued_refs(id)
+  local new = ''
+  if #refs > 0 then new = push(refs, now, 'u', list, compiled) end
+  forget(id, unacked, uindex)
+  return refs, new
 end
 local function count(now, field)
   if field == '' then return end
@@ -122,11 +172,29 @@ local function bury(ref, f, now, reason, attempts, code, http, err, maxlen, mini
     'deliveries', f[4] or '0', 'enqueued_at', f[3] or '', 'failed_at', now, 'error', err)
   redis.call('HINCRBY', p .. ':deadcount', reason, 1)
   trim_dead(maxlen, minid)
+  local owner = redis.call('HGET', p .. ':r:' .. ref, 'o')
+  if owner then redis.call('SREM', p .. ':running:' .. owner, ref) end
   redis.call('DEL', p .. ':r:' .. ref)
   redis.call('ZREM', p .. ':leases', ref)
   redis.call('ZREM', p .. ':sched', ref)
   redis.call('DECR', p .. ':npending')
   count(now, reason .. '|' .. (f[2] or '') .. '|' .. code .. '|' .. acct)
+end
+-- a delivery of a running report was lost (lease ran out, or its worker died): queue it
+-- again, or dead-letter it as poison once it has been lost max deliveries times
+local function lost_delivery(ref, now, list, compiled, max_deliveries, maxlen, minid)
+  redis.call('ZREM', p .. ':leases', ref)
+  local key = p .. ':r:' .. ref
+  local owner = redis.call('HGET', key, 'o')
+  if owner then redis.call('SREM', p .. ':running:' .. owner, ref) end
+  local v = redis.call('HINCRBY', key, 'v', 1)
+  if v >= tonumber(max_deliveries) then
+    local f = redis.call('HMGET', key, 't', 'k', 'e', 'v', 'n')
+    bury(ref, f, now, 'poison', f[5] or '0', '', '',
+      'its worker was lost ' .. v .. ' times while sending it', maxlen, minid)
+    return 'poison', v .. '|' .. (f[1] or '') .. '|' .. (f[2] or '')
+  end
+  return 'requeued', push({ref}, now, 'u', list, compiled)
 end
 """
 
@@ -139,6 +207,7 @@ end
 ENQUEUE_SCRIPT = _ENQUEUE = (
     _COMMON
     + """
+guard()
 local list, now, per = ARGV[2], ARGV[3], tonumber(ARGV[5])
 local compiled = compile(ARGV[4])
 local rows = {}
@@ -195,45 +264,47 @@ return table.concat(flags)
 """
 )
 
-# ARGV: prefix, ref, message id, now, lease until, then (optional) the account's limiter:
-#       slot interval, limit N, window, member
+# ARGV: prefix, ref, message id, now, lease until, worker id ('' = none), then (optional)
+#       the account's limiter: slot interval, limit N, window, member
 # Returns {0, state} when this message may not act on the report, else {1, type, kind,
 # enqueued_at, deadline, attempts, deliveries, queued_at, paused_until, planned slot,
 # limiter} where limiter is '' (not asked), 'go' (admitted now), 'none' (no slot before the
 # deadline) or the time of the reserved slot.
 _CLAIM = (
-    "redis.replicate_commands()\n"
+    _COMMON
     + ratelimit.LUA
     + """
-local p, ref, id, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+guard()
+local ref, id, now, worker = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[6]
 local tag = string.sub(id, #p + 2, #p + 2) == 'u' and 'u' or ''
-local seq = redis.call('ZSCORE', p .. ':' .. tag .. 'msgs', id)
-if seq then
-  -- the message has started: it can no longer be lost between kombu's pop and record
-  redis.call('ZREM', p .. ':' .. tag .. 'msgs', id)
-  redis.call('HDEL', p .. ':msgrefs', id)
+if redis.call('ZREM', p .. ':' .. tag .. 'msgs', id) == 1 then
+  -- the message has started: tracked as started until its worker says it is done
+  redis.call('ZADD', p .. ':started', now, id)
   redis.call('HDEL', p .. ':suspect', id)
-  if tonumber(seq) > tonumber(redis.call('GET', p .. ':' .. tag .. 'seen') or '0') then
-    redis.call('SET', p .. ':' .. tag .. 'seen', seq)
-  end
 end
 local key = p .. ':r:' .. ref
 local f = redis.call('HMGET', key, 's', 'm', 't', 'k', 'e', 'd', 'n', 'v', 'q', 'ps')
 if f[1] ~= 'q' or f[2] ~= id then return {0, f[1] or ''} end
 redis.call('HSET', key, 's', 'r')
 redis.call('ZADD', p .. ':leases', ARGV[5], ref)
+if worker ~= '' then
+  redis.call('HSET', key, 'o', worker)
+  redis.call('SADD', p .. ':running:' .. worker, ref)
+end
 local acct = string.match(ref, '^(.*):%d+$')
 local paused = redis.call('ZSCORE', p .. ':paused', acct)
 if paused and tonumber(paused) <= now then paused = false end
 local lim = ''
-if ARGV[6] and not paused and not f[10] and now < tonumber(f[6]) then
+if ARGV[7] and not paused and not f[10] and now < tonumber(f[6]) then
+  local interval, amount, window = rl_limit(p .. ':limit:' .. acct, tonumber(ARGV[7]),
+    tonumber(ARGV[8]), tonumber(ARGV[9]))
   local rnow = rl_now()
   local cool = p .. ':cool:' .. acct
-  local slot = rl_plan(p .. ':plan:' .. acct, cool, tonumber(ARGV[6]), tonumber(f[6]), rnow)
+  local slot = rl_plan(p .. ':plan:' .. acct, cool, interval, tonumber(f[6]), rnow)
   if not slot then
     lim = 'none'
-  elseif slot <= rnow and rl_admit(p .. ':rl:' .. acct, cool, tonumber(ARGV[7]),
-      tonumber(ARGV[8]), ARGV[9], rnow) == 0 then
+  elseif slot <= rnow and rl_admit(p .. ':rl:' .. acct, cool, amount, window, ARGV[10],
+      rnow) == 0 then
     lim = 'go'
   else
     lim = string.format('%.6f', slot)
@@ -250,13 +321,15 @@ return {1, f[3], f[4], f[5], f[6], f[7], f[8], f[9], paused or '', f[10] or '', 
 _FINISH = (
     _COMMON
     + """
+guard()
 local ref, id, outcome, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local attempts, code, http, err, arg = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local key = p .. ':r:' .. ref
-local f = redis.call('HMGET', key, 's', 'm', 't', 'k', 'e', 'v')
+local f = redis.call('HMGET', key, 's', 'm', 't', 'k', 'e', 'v', 'o')
 if outcome == 'accepted' then
   -- recorded whoever owns the report: the API took it, so nobody may send it again
   if f[1] == 'a' then return 0 end
+  if f[7] then redis.call('SREM', p .. ':running:' .. f[7], ref) end
   redis.call('DEL', key)
   redis.call('HSET', key, 's', 'a', 'm', id)
   redis.call('EXPIRE', key, ARGV[11])
@@ -268,6 +341,7 @@ if outcome == 'accepted' then
 end
 if f[1] ~= 'r' or f[2] ~= id then return 0 end
 if outcome == 'retry' or outcome == 'defer' then
+  if f[7] then redis.call('SREM', p .. ':running:' .. f[7], ref) end
   redis.call('HSET', key, 's', 'w', 'n', attempts)
   if outcome == 'retry' then
     redis.call('HSET', key, 'lc', code, 'lh', http, 'le', err)
@@ -287,13 +361,89 @@ return 1
 """
 )
 
+# ARGV: prefix, message id, urgent list, now, urgent template.
+# A worker is done with a message (normally after its last report; early on shutdown):
+# the reports still queued for it go to a new urgent message at once. Returns
+# {reports handed back, new message id or ''}.
+_DONE = (
+    _COMMON
+    + """
+guard()
+local refs, new = hand_back(ARGV[2], ARGV[4], ARGV[3], compile(ARGV[5]))
+return {#refs, new}
+"""
+)
+
+# ARGV: prefix, worker id, worker timeout s, held message ids (comma-separated),
+#       rate-limit declarations ("account,interval,amount,window" joined by ';').
+# One heartbeat: the worker is alive (Redis's clock), holds exactly these messages, and
+# declares these limits. Each account's effective limit is the strictest one declared by a
+# live worker. Returns a flat list: account, effective "interval,amount,window", ...
+_HEARTBEAT = (
+    _COMMON
+    + """
+guard()
+local worker, timeout = ARGV[2], tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZADD', p .. ':workers', now, worker)
+local held = p .. ':held:' .. worker
+redis.call('DEL', held)
+local ids = {}
+for id in string.gmatch(ARGV[4], '[^,]+') do ids[#ids + 1] = id end
+for i = 1, #ids, 1000 do redis.call('SADD', held, unpack(ids, i, math.min(i + 999, #ids))) end
+local out = {}
+for decl in string.gmatch(ARGV[5], '[^;]+') do
+  local acct, spec = string.match(decl, '^([^,]+),(.*)$')
+  local dk = p .. ':decl:' .. acct
+  redis.call('HSET', dk, worker, spec)
+  local best, best_rate = spec, nil
+  local all = redis.call('HGETALL', dk)
+  for i = 1, #all, 2 do
+    local beat = redis.call('ZSCORE', p .. ':workers', all[i])
+    if beat and now - tonumber(beat) < timeout then
+      local _, amount, window = string.match(all[i + 1], '^([^,]+),([^,]+),([^,]+)$')
+      local rate = tonumber(amount) / tonumber(window)
+      if best_rate == nil or rate < best_rate then best, best_rate = all[i + 1], rate end
+    else
+      redis.call('HDEL', dk, all[i])
+    end
+  end
+  redis.call('SET', p .. ':limit:' .. acct, best, 'PX', math.ceil(timeout * 3000))
+  out[#out + 1] = acct
+  out[#out + 1] = best
+end
+return out
+"""
+)
+
+# ARGV: prefix, worker id, accounts (comma-separated). A clean stop: the worker's heartbeat
+# is marked stale so that the next sweep re-queues anything it still had in flight, its
+# held messages are left to kombu's restore at shutdown (or the orphan sweep), and its
+# rate-limit declarations are withdrawn.
+_UNREGISTER = """
+local p, worker = ARGV[1], ARGV[2]
+redis.call('DEL', p .. ':held:' .. worker)
+if redis.call('EXISTS', p .. ':running:' .. worker) == 1 then
+  redis.call('ZADD', p .. ':workers', 0, worker)
+else
+  redis.call('ZREM', p .. ':workers', worker)
+end
+for acct in string.gmatch(ARGV[3], '[^,]+') do redis.call('HDEL', p .. ':decl:' .. acct, worker) end
+return 1
+"""
+
 # ARGV: prefix, urgent list, now, urgent template, lease until, max deliveries, lost grace,
-#       limit, dead maxlen, dead min id, unacked key
+#       limit, dead maxlen, dead min id, unacked key, unacked index key, worker timeout,
+#       normal list
 # Returns a flat list of events: kind, subject, detail (for logs).
 _SWEEP = (
     _COMMON
     + """
+guard()
 local list, now, limit = ARGV[2], ARGV[3], tonumber(ARGV[8])
+local maxdel, grace, maxlen, minid = ARGV[6], tonumber(ARGV[7]), ARGV[9], ARGV[10]
+local unacked, uindex, timeout, normal = ARGV[11], ARGV[12], tonumber(ARGV[13]), ARGV[14]
 local tpl = compile(ARGV[4])
 local events = {}
 local function event(kind, subject, detail)
@@ -302,6 +452,7 @@ end
 local function due(key)
   return redis.call('ZRANGE', key, '-inf', now, 'BYSCORE', 'LIMIT', 0, limit)
 end
+local function ours(id) return string.sub(id, 1, #p + 1) == p .. '-' end
 -- 1. retries and deferred reports that are due: to the urgent list
 for _, ref in ipairs(due(p .. ':sched')) do
   redis.call('ZREM', p .. ':sched', ref)
@@ -309,51 +460,95 @@ for _, ref in ipairs(due(p .. ':sched')) do
     event('requeued', ref, push({ref}, now, 'u', list, tpl))
   end
 end
--- 2. leases that expired: the worker died (or hung) mid-flight
+-- 2. leases that expired: the worker hung (a killed one is found sooner, below)
 for _, ref in ipairs(due(p .. ':leases')) do
-  redis.call('ZREM', p .. ':leases', ref)
-  local key = p .. ':r:' .. ref
-  if redis.call('HGET', key, 's') == 'r' then
-    local v = redis.call('HINCRBY', key, 'v', 1)
-    if v >= tonumber(ARGV[6]) then
-      local f = redis.call('HMGET', key, 't', 'k', 'e', 'v', 'n')
-      bury(ref, f, now, 'poison', f[5] or '0', '', '',
-        'its worker was lost ' .. v .. ' times while sending it', ARGV[9], ARGV[10])
-      event('poison', ref, v .. '|' .. (f[1] or '') .. '|' .. (f[2] or ''))
-    else
-      event('lease_expired', ref, push({ref}, now, 'u', list, tpl))
-    end
+  if redis.call('HGET', p .. ':r:' .. ref, 's') == 'r' then
+    local kind, detail = lost_delivery(ref, now, list, tpl, maxdel, maxlen, minid)
+    event(kind == 'poison' and 'poison' or 'lease_expired', ref, detail)
+  else
+    redis.call('ZREM', p .. ':leases', ref)
   end
 end
--- 3. per list: messages older than one a worker has started, not in kombu's unacked
---    hash: popped and lost in kombu's pop window (or restored and not yet taken again)
-for _, tag in ipairs({'', 'u'}) do
-  local seen = redis.call('GET', p .. ':' .. tag .. 'seen') or '0'
-  local old = redis.call('ZRANGE', p .. ':' .. tag .. 'msgs', '-inf', '(' .. seen,
-    'BYSCORE', 'LIMIT', 0, limit)
-  for _, id in ipairs(old) do
-    if redis.call('HEXISTS', ARGV[11], id) == 1 then
-      redis.call('HDEL', p .. ':suspect', id)
-    else
-      local since = redis.call('HGET', p .. ':suspect', id)
-      if not since then
-        redis.call('HSET', p .. ':suspect', id, now)
-      elseif tonumber(now) - tonumber(since) >= tonumber(ARGV[7]) then
-        local entry = redis.call('HGET', p .. ':msgrefs', id) or ''
-        local refs = {}
-        for r in string.gmatch(string.match(entry, '|(.*)$') or '', '[^,]+') do
-          local f = redis.call('HMGET', p .. ':r:' .. r, 's', 'm')
-          if f[1] == 'q' and f[2] == id then refs[#refs + 1] = r end
-        end
-        redis.call('ZREM', p .. ':' .. tag .. 'msgs', id)
-        redis.call('HDEL', p .. ':msgrefs', id)
-        redis.call('HDEL', p .. ':suspect', id)
-        for _, r in ipairs(refs) do event('lost', r, push({r}, now, 'u', list, tpl)) end
+-- 3. workers whose heartbeat stopped (Redis's clock). After a gap in the sweeps (Redis
+--    or the whole fleet stalled) every worker gets one more timeout to beat again.
+local t = redis.call('TIME')
+local rnow = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local last = tonumber(redis.call('GET', p .. ':lastsweep') or '0')
+redis.call('SET', p .. ':lastsweep', string.format('%.6f', rnow), 'EX', 86400)
+if last > 0 and rnow - last > timeout / 2 then
+  redis.call('SET', p .. ':stallguard', string.format('%.6f', rnow + timeout),
+    'PX', math.ceil(timeout * 1000) + 1000)
+end
+local guarded = tonumber(redis.call('GET', p .. ':stallguard') or '0') > rnow
+local live = {}
+local workers = redis.call('ZRANGE', p .. ':workers', 0, -1, 'WITHSCORES')
+for i = 1, #workers, 2 do
+  local w = workers[i]
+  if guarded or rnow - tonumber(workers[i + 1]) < timeout then
+    live[#live + 1] = p .. ':held:' .. w
+  else
+    for _, ref in ipairs(redis.call('SMEMBERS', p .. ':running:' .. w)) do
+      local f = redis.call('HMGET', p .. ':r:' .. ref, 's', 'o')
+      if f[1] == 'r' and f[2] == w then
+        local kind, detail = lost_delivery(ref, now, list, tpl, maxdel, maxlen, minid)
+        event(kind == 'poison' and 'poison' or 'worker_lost', ref, detail)
       end
     end
+    for _, id in ipairs(redis.call('SMEMBERS', p .. ':held:' .. w)) do
+      if ours(id) then
+        local refs, new = hand_back(id, now, list, tpl, unacked, uindex)
+        for _, r in ipairs(refs) do event('orphaned', r, 'worker lost|' .. new) end
+      end
+    end
+    redis.call('DEL', p .. ':running:' .. w, p .. ':held:' .. w)
+    redis.call('ZREM', p .. ':workers', w)
+    event('worker_dead', w, string.format('%.1f', rnow - tonumber(workers[i + 1])))
   end
 end
--- 4. account pauses that ran out
+-- 4. orphans: messages with reports queued for them that wait in no list and that no live
+--    worker holds (kombu's unacked entry of a dead worker, a message popped and never
+--    recorded, a message whose worker gave up on it). Seen twice, grace apart: handed on.
+local held = {}
+if #live > 0 then
+  for _, id in ipairs(redis.call('SUNION', unpack(live))) do held[id] = true end
+end
+local cands, order = {}, {}
+local function cand(id)
+  if not held[id] and not cands[id] then cands[id] = true; order[#order + 1] = id end
+end
+for _, id in ipairs(redis.call('HKEYS', unacked)) do if ours(id) then cand(id) end end
+for _, id in ipairs(redis.call('ZRANGE', p .. ':started', 0, limit - 1)) do cand(id) end
+for _, pair in ipairs({{'', normal}, {'u', list}}) do
+  -- a message older than the oldest one still waiting in its list has been popped
+  local bound = '+inf'
+  local tail = redis.call('LINDEX', pair[2], -1)
+  if tail then
+    local seq = string.match(string.match(tail, '"delivery_tag":%s*"([^"]*)"') or '', '(%d+)$')
+    bound = seq and ('(' .. seq) or '-inf'
+  end
+  for _, id in ipairs(redis.call('ZRANGE', p .. ':' .. pair[1] .. 'msgs', '-inf', bound,
+      'BYSCORE', 'LIMIT', 0, limit)) do
+    cand(id)
+  end
+end
+local since = {}
+local suspects = redis.call('HGETALL', p .. ':suspect')
+for i = 1, #suspects, 2 do
+  if cands[suspects[i]] then
+    since[suspects[i]] = tonumber(suspects[i + 1])
+  else
+    redis.call('HDEL', p .. ':suspect', suspects[i])
+  end
+end
+for _, id in ipairs(order) do
+  if not since[id] then
+    redis.call('HSET', p .. ':suspect', id, now)
+  elseif tonumber(now) - since[id] >= grace then
+    local refs, new = hand_back(id, now, list, tpl, unacked, uindex)
+    for _, r in ipairs(refs) do event('orphaned', r, 'message orphaned|' .. new) end
+  end
+end
+-- 5. account pauses that ran out
 for _, acct in ipairs(redis.call('ZRANGE', p .. ':paused', '-inf', now, 'BYSCORE')) do
   redis.call('ZREM', p .. ':paused', acct)
   event('resumed', acct, '')
@@ -365,6 +560,7 @@ return events
 # ARGV: prefix, account, now, until, reason json, ttl seconds. Returns 1 if newly paused.
 _PAUSE = """
 local p, acct = ARGV[1], ARGV[2]
+redis.call('SETNX', p .. ':oom', '1')
 local current = redis.call('ZSCORE', p .. ':paused', acct)
 if current and tonumber(current) > tonumber(ARGV[3]) then return 0 end
 redis.call('ZADD', p .. ':paused', ARGV[4], acct)
@@ -416,8 +612,9 @@ class Claim:
 
 @dataclass(frozen=True, slots=True)
 class SweepEvent:
-    kind: str  # requeued | lease_expired | poison | lost | resumed
-    subject: str  # a ref, or an account for "resumed"
+    # requeued | lease_expired | worker_lost | orphaned | poison | worker_dead | resumed
+    kind: str
+    subject: str  # a ref; an account for "resumed"; a worker id for "worker_dead"
     detail: str
 
 
@@ -480,6 +677,14 @@ class Ledger:
         self._pause = client.register_script(_PAUSE)
         self._resume = client.register_script(_RESUME)
         self._drop_dead = client.register_script(_DROP_DEAD)
+        self._done = client.register_script(_DONE)
+        self._heartbeat = client.register_script(_HEARTBEAT)
+        self._unregister = client.register_script(_UNREGISTER)
+
+    def _run(self, script: Any, args: Sequence[Any]) -> Any:
+        """Run a script; a redis-py failure becomes the project's StoreError (full,
+        unreachable, other). Scripts write all or nothing, so a failed call changed nothing."""
+        return guarded.call(script, args=args)
 
     def enqueue(self, rows: Sequence[Sequence[Any]], *, per_message: int = 1) -> list[int]:
         """Queue ``rows`` of (account, task_id, type, kind, deadline, dead-letter id or '');
@@ -487,7 +692,7 @@ class Ledger:
         if not rows:
             return []
         return parse_flags(
-            self._enqueue(args=enqueue_args(self.keys, self.queue, rows, per_message))
+            self._run(self._enqueue, enqueue_args(self.keys, self.queue, rows, per_message))
         )
 
     def claim(
@@ -496,13 +701,16 @@ class Ledger:
         message_id: str,
         lease_s: float,
         limiter: Sequence[str | float | int] = (),
+        *,
+        worker: str = "",
     ) -> Claim | str:
         """Take ``ref`` for this delivery; a string (its state) means: do not act on it.
         With ``limiter`` (``Limiter.claim_args``) the account's rate limiter is asked in the
-        same round trip."""
+        same round trip. ``worker`` (the claiming worker's id) lets the sweep re-queue the
+        report at once should that worker's heartbeat stop."""
         now = time.time()
-        args = [self.keys.prefix, ref, message_id, now, now + lease_s, *limiter]
-        reply = self._claim(args=args)
+        args = [self.keys.prefix, ref, message_id, now, now + lease_s, worker, *limiter]
+        reply = self._run(self._claim, args)
         if int(reply[0]) == 0:
             return _text(reply[1]) or "gone"
         f = [_text(v) for v in reply[1:]]
@@ -540,8 +748,9 @@ class Ledger:
         keeps its reserved ``planned_slot`` and costs no attempt) or ``dead`` (``reason``)."""
         now = time.time()
         arg = f"{due:.6f}" if outcome in ("retry", "defer") else reason
-        reply = self._finish(
-            args=[
+        reply = self._run(
+            self._finish,
+            [
                 self.keys.prefix,
                 ref,
                 message_id,
@@ -559,16 +768,23 @@ class Ledger:
                 ""
                 if planned_slot is None
                 else f"{planned_slot:.6f}|{limiter_since if limiter_since else now:.6f}",
-            ]
+            ],
         )
         return bool(int(reply))
 
     def sweep(
-        self, *, lease_s: float, max_deliveries: int, lost_grace_s: float, limit: int = 500
+        self,
+        *,
+        lease_s: float,
+        max_deliveries: int,
+        lost_grace_s: float,
+        worker_timeout_s: float = WORKER_TIMEOUT_S,
+        limit: int = 500,
     ) -> list[SweepEvent]:
         now = time.time()
-        reply = self._sweep(
-            args=[
+        reply = self._run(
+            self._sweep,
+            [
                 self.keys.prefix,
                 self.urgent_list,
                 f"{now:.6f}",
@@ -580,7 +796,10 @@ class Ledger:
                 self.dead_max_entries,
                 self._dead_min_id(now),
                 UNACKED,
-            ]
+                UNACKED_INDEX,
+                worker_timeout_s,
+                self.normal_list,
+            ],
         )
         items = [_text(v) for v in reply]
         return [SweepEvent(*items[i : i + 3]) for i in range(0, len(items), 3)]
@@ -590,18 +809,54 @@ class Ledger:
         now = time.time()
         ttl = max(1, round(seconds))
         args: list[str | float] = [self.keys.prefix, account, now, now + seconds, reason_json, ttl]
-        return bool(int(self._pause(args=args)))
+        return bool(int(self._run(self._pause, args)))
 
     def resume(self, account: str) -> bool:
         """Lift a pause early; False if ``account`` was not paused."""
-        return bool(int(self._resume(args=[self.keys.prefix, account])))
+        return bool(int(self._run(self._resume, [self.keys.prefix, account])))
 
     def drop_dead(self, ids: Sequence[str]) -> int:
         """Delete dead letters by id (per-reason counts kept exact); how many there were."""
         removed = 0
         for start in range(0, len(ids), 500):
-            removed += int(self._drop_dead(args=[self.keys.prefix, *ids[start : start + 500]]))
+            chunk = ids[start : start + 500]
+            removed += int(self._run(self._drop_dead, [self.keys.prefix, *chunk]))
         return removed
+
+    def done(self, message_id: str) -> int:
+        """The worker is done with ``message_id``: reports still queued for it (not reached,
+        e.g. on shutdown) go to a new urgent message now. How many were handed back."""
+        reply = self._run(
+            self._done,
+            [self.keys.prefix, message_id, self.urgent_list, _now(), self.urgent_template],
+        )
+        return int(reply[0])
+
+    def heartbeat(
+        self,
+        worker: str,
+        held: Sequence[str],
+        declarations: Sequence[tuple[str, float, int, float]] = (),
+        *,
+        timeout_s: float = WORKER_TIMEOUT_S,
+    ) -> dict[str, tuple[float, int, float]]:
+        """``worker`` is alive, holds exactly ``held`` and declares these rate limits
+        (account, interval, amount, window). Returns each declared account's effective
+        limit (the strictest declared by a live worker) as (interval, amount, window)."""
+        decls = ";".join(f"{a},{i!r},{n},{w!r}" for a, i, n, w in declarations)
+        reply = self._run(
+            self._heartbeat, [self.keys.prefix, worker, timeout_s, ",".join(held), decls]
+        )
+        items = [_text(v) for v in reply]
+        out: dict[str, tuple[float, int, float]] = {}
+        for i in range(0, len(items), 2):
+            interval, amount, window = items[i + 1].split(",")
+            out[items[i]] = (float(interval), int(amount), float(window))
+        return out
+
+    def unregister(self, worker: str, accounts: Sequence[str]) -> None:
+        """A clean stop: withdraw the worker's heartbeat, held messages and declarations."""
+        self._run(self._unregister, [self.keys.prefix, worker, ",".join(accounts)])
 
     def _dead_min_id(self, now: float) -> str:
         return f"{int((now - self.dead_max_age_s) * 1000)}-0"

@@ -57,6 +57,14 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.recovered = Counter(
+            "report_forwarder_recovered",
+            "Reports the sweeper put back in flight, by why (worker lost mid-flight, worker "
+            "lost, message orphaned, lease expired).",
+            ["why"],
+            registry=self.registry,
+        )
+
     def outcome(self, outcome: str, kind: str, error_code: str | None) -> None:
         self.reports.labels(outcome, kind or "", error_code or "").inc()
 
@@ -96,6 +104,11 @@ class _FleetCollector(Collector):
              "Reports queued and not yet at a terminal outcome (queued, in flight, waiting)."),
             ("report_forwarder_waiting_retry_reports", "waiting_retry",
              "Reports waiting for a retry or their rate-limit slot."),
+            ("report_forwarder_orphaned_reports", "orphaned",
+             "Pending reports whose message is in no queue and held by no live worker (the "
+             "sweeper hands them on after a grace period; above 0 for long: see the runbook)."),
+            ("report_forwarder_workers", "workers",
+             "Worker processes with a live heartbeat."),
         ):  # fmt: skip
             gauge = GaugeMetricFamily(name, text)
             gauge.add_metric([], backlog[key])

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import redis
 
+from . import guarded
 from .config import Account, RateLimit
 from .keys import Keys
 from .logs import get_logger
@@ -44,6 +45,18 @@ THROTTLED_LOG_INTERVAL_S = 10.0
 # Lua shared by the scripts below and by the ledger's claim (which plans and admits in the
 # same round trip as the claim when the account has capacity now).
 LUA = """
+-- the stricter of this worker's limit and the fleet's effective one (the strictest any
+-- live worker declares, kept by the heartbeats): one limit per account, fleet-wide
+local function rl_limit(limit_key, interval, amount, window)
+  local stored = redis.call('GET', limit_key)
+  if stored then
+    local i, a, w = string.match(stored, '^([^,]+),([^,]+),([^,]+)$')
+    if i and tonumber(a) / tonumber(w) < amount / window then
+      return tonumber(i), tonumber(a), tonumber(w)
+    end
+  end
+  return interval, amount, window
+end
 local function rl_now()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -74,26 +87,27 @@ local function rl_admit(log_key, cool_key, limit, window, member, now)
 end
 """
 
-# KEYS: plan key, cool key. ARGV: interval s, deadline (epoch s).
+# KEYS: plan key, cool key, limit key. ARGV: interval s, deadline (epoch s), limit N, window.
 # Returns {slot - now, now}, or {-1, now} when no slot is free before the deadline.
 _PLAN = (
-    "redis.replicate_commands()\n"
-    + LUA
+    LUA
     + """
+local interval = rl_limit(KEYS[3], tonumber(ARGV[1]), tonumber(ARGV[3]), tonumber(ARGV[4]))
 local now = rl_now()
-local slot = rl_plan(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), now)
+local slot = rl_plan(KEYS[1], KEYS[2], interval, tonumber(ARGV[2]), now)
 if not slot then return {'-1', string.format('%.6f', now)} end
 return {string.format('%.6f', slot - now), string.format('%.6f', now)}
 """
 )
 
-# KEYS: log key, cool key. ARGV: limit N, window s (period + margin), member.
-# Returns {1, 0} when admitted, else {0, seconds to wait}.
+# KEYS: log key, cool key, limit key. ARGV: limit N, window s (period + margin), member,
+# interval s. Returns {1, 0} when admitted, else {0, seconds to wait}.
 _ADMIT = (
-    "redis.replicate_commands()\n"
-    + LUA
+    LUA
     + """
-local wait = rl_admit(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], rl_now())
+local _, amount, window = rl_limit(KEYS[3], tonumber(ARGV[4]), tonumber(ARGV[1]),
+  tonumber(ARGV[2]))
+local wait = rl_admit(KEYS[1], KEYS[2], amount, window, ARGV[3], rl_now())
 if wait == 0 then return {1, '0'} end
 return {0, string.format('%.6f', wait)}
 """
@@ -101,8 +115,7 @@ return {0, string.format('%.6f', wait)}
 
 # KEYS: cool key. ARGV: seconds. Extends, never shortens. Returns 1 if extended.
 _COOL = (
-    "redis.replicate_commands()\n"
-    + LUA
+    LUA
     + """
 local untl = rl_now() + tonumber(ARGV[1])
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -157,8 +170,14 @@ class Limiter:
 
     def plan(self, account: Account, deadline: float) -> Slot:
         """Reserve the account's next free slot (unless it falls after ``deadline``)."""
-        keys = [self.keys.plan(account.name), self.keys.cooldown(account.name)]
-        wait, now = self._plan(keys=keys, args=[self.interval_s(account.rate_limit), deadline])
+        limit = account.rate_limit
+        keys = [
+            self.keys.plan(account.name),
+            self.keys.cooldown(account.name),
+            self.keys.limit(account.name),
+        ]
+        args = [self.interval_s(limit), deadline, limit.amount, limit.period_s + self.margin_s]
+        wait, now = guarded.call(self._plan, keys=keys, args=args)
         wait_s = float(wait)
         if wait_s < 0:
             return Slot(None, float(now))
@@ -169,12 +188,19 @@ class Limiter:
         (False, seconds still to wait) as soon as admission is further away than
         ``give_up_after_s`` in all (a long cool-down: the caller defers the report)."""
         limit = account.rate_limit
-        keys = [self.keys.ratelimit(account.name), self.keys.cooldown(account.name)]
+        keys = [
+            self.keys.ratelimit(account.name),
+            self.keys.cooldown(account.name),
+            self.keys.limit(account.name),
+        ]
         window = limit.period_s + self.margin_s
+        interval = self.interval_s(limit)
         started = time.monotonic()
         while True:
             member = f"{self._origin}-{next(self._ids)}"
-            ok, wait = self._admit(keys=keys, args=[limit.amount, window, member])
+            ok, wait = guarded.call(
+                self._admit, keys=keys, args=[limit.amount, window, member, interval]
+            )
             waited = time.monotonic() - started
             if int(ok):
                 return True, waited
@@ -189,7 +215,7 @@ class Limiter:
         ``max(retry_after, 2 s)``. Returns the cool-down if it was extended, else None."""
         seconds = max(MIN_COOL_DOWN_S, retry_after or 0.0)
         keys = [self.keys.cooldown(account.name)]
-        return seconds if int(self._cool(keys=keys, args=[seconds])) else None
+        return seconds if int(guarded.call(self._cool, keys=keys, args=[seconds])) else None
 
     def throttled(self, account: Account, wait_s: float) -> None:
         """One ``ratelimit.throttled`` line per account per interval, not one per report."""
@@ -205,19 +231,47 @@ class Limiter:
             wait_s=round(wait_s, 3),
         )
 
+    def effective(self, configured: RateLimit, stored: bytes | str | None) -> RateLimit:
+        """The limit the fleet runs an account under: the stricter of ``configured`` and
+        the one the live workers' heartbeats agreed on (``stored``, "interval,amount,window")."""
+        if not stored:
+            return configured
+        text = stored.decode() if isinstance(stored, bytes) else stored
+        _, amount, window = text.split(",")
+        fleet = RateLimit(int(amount), round(float(window) - self.margin_s, 6))
+        if fleet.amount / fleet.period_s < configured.amount / configured.period_s:
+            return fleet
+        return configured
+
+    def declaration(self, account: Account) -> tuple[str, float, int, float]:
+        """What this worker declares for ``account`` in its heartbeat."""
+        limit = account.rate_limit
+        return (
+            account.name,
+            self.interval_s(limit),
+            limit.amount,
+            limit.period_s + self.margin_s,
+        )
+
     def usage(self, account: Account) -> dict[str, float | int | str]:
         """Requests admitted in the last window, against the limit (for ``stats``)."""
-        limit = account.rate_limit
+        configured = account.rate_limit
         key = self.keys.ratelimit(account.name)
         now = time.time()
         pipe = self.client.pipeline(transaction=False)
-        pipe.zcount(key, now - limit.period_s, "+inf")
+        pipe.get(self.keys.limit(account.name))
         pipe.get(self.keys.plan(account.name))
         pipe.get(self.keys.cooldown(account.name))
-        used, tat, cool = pipe.execute()
+        stored, tat, cool = pipe.execute()
+        limit = self.effective(configured, stored)
+        used = self.client.zcount(key, now - limit.period_s, "+inf")
         ahead = max(0.0, float(tat) - now) if tat else 0.0
+        extra: dict[str, str] = {}
+        if limit != configured:
+            extra["configured_rate_limit"] = str(configured)
         return {
             "rate_limit": str(limit),
+            **extra,
             "used_in_window": int(used),
             "usage": round(int(used) / limit.amount, 3),
             "planned_ahead_s": round(ahead, 3),

@@ -1,28 +1,39 @@
-"""What a worker process does with each report, and the sweeper beside it (no Celery here).
+"""What a worker process does with each report, and the threads beside it (no Celery here).
 
-Per report: claim it in the ledger (skip it if this delivery may not act on it) → guard
-(known account and type, account not paused, deadline not passed) → wait for the rate
-limiter → POST → classify → record exactly one outcome (accepted, retry at a time, or dead
-letter with its reason) → one log line. Any exception past the claim leaves the report
-``running`` with a lease; the sweeper re-queues it when the lease runs out, so no exit
-path loses it.
+Per message: its reports one after another, then "done" (reports not reached — on
+shutdown — go to a new message at once). Per report: claim it in the ledger (skip it if this
+delivery may not act on it) → guard (known account and type, account not paused, deadline
+not passed) → wait for the rate limiter → POST → classify → record exactly one outcome
+(accepted, retry at a time, or dead letter with its reason) → one log line.
+
+No exit path loses a report: a store call that fails (Redis full or unreachable) is retried
+for a while and then left where the sweeper finds it; any other exception past the claim
+leaves the report ``running`` under this worker, which the sweeper re-queues when the
+worker's heartbeat stops or the lease runs out.
+
+Beside the Celery threads, two of ours: the heartbeat (every ``HEARTBEAT_S``: this worker
+is alive, these are the messages it holds, these are its rate limits) and the sweeper.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import secrets
+import socket
 import threading
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 import redis
 
 from . import store
 from .config import Account, Settings, client_key
-from .errors import ConfigError, ReportError
+from .errors import ConfigError, ReportError, StoreError
 from .keys import Keys, split_ref
-from .ledger import Claim, Ledger, SweepEvent
+from .ledger import HEARTBEAT_S, WORKER_TIMEOUT_S, Claim, Ledger, SweepEvent
 from .logs import get_logger, register_secret
 from .metrics import Metrics
 from .ratelimit import Limiter
@@ -36,6 +47,14 @@ log = get_logger("worker.runtime")
 DEFER_LEAD_S = 0.5
 # Longest a thread waits for admission (a cool-down) before deferring the report instead.
 MAX_ADMIT_WAIT_S = 2.0
+# A finished message stays in the heartbeat's held list this long (covers the moment between
+# the task's end and kombu's ack, so a live worker's message is never taken for an orphan).
+HELD_LINGER_S = 5.0
+# How long a thread keeps retrying a ledger call that failed (Redis full or unreachable)
+# before it leaves the report where the sweeper finds it.
+STORE_RETRY_S = 30.0
+
+T = TypeVar("T")
 
 
 class Runtime:
@@ -76,19 +95,144 @@ class Runtime:
             margin_s=settings.ratelimit_margin_s,
             max_inline_wait_s=settings.ratelimit_max_inline_wait_s,
         )
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.held = HeldMessages(HELD_LINGER_S)
+        self.stopping = threading.Event()
+        self._busy = 0
+        self._busy_cond = threading.Condition()
+        self._effective: dict[str, tuple[float, int, float]] = {}
+        self._store_logged = 0.0
         self._sweeper: Sweeper | None = None
+        self._heartbeat: Heartbeat | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._sweeper is None:
-            self._sweeper = Sweeper(self)
-            self._sweeper.start()
+        """Beat once (so this worker's rate limits are in force before its first claim),
+        then run the heartbeat and the sweeper beside the Celery threads."""
+        if self._sweeper is not None:
+            return
+        self.stopping.clear()
+        try:
+            self.beat_once()
+        except StoreError as exc:  # Redis not there yet: the heartbeat thread keeps trying
+            log.warning("worker.heartbeat_failed", error=str(exc))
+        self._heartbeat = Heartbeat(self)
+        self._heartbeat.start()
+        self._sweeper = Sweeper(self)
+        self._sweeper.start()
 
-    def stop(self) -> None:
+    def begin_shutdown(self) -> None:
+        """Stop taking reports: each thread finishes the report in flight and hands the rest
+        of its message back (see :meth:`deliver`)."""
+        self.stopping.set()
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Shut down: finish in-flight reports (bounded by one report's longest path: both
+        HTTP timeouts and the rate limiter's inline wait), then stop beating."""
+        self.begin_shutdown()
+        if timeout_s is None:
+            timeout_s = (
+                self.settings.connect_timeout_s
+                + self.settings.read_timeout_s
+                + self.settings.ratelimit_max_inline_wait_s
+                + MAX_ADMIT_WAIT_S
+                + 2.0
+            )
+        with self._busy_cond:
+            self._busy_cond.wait_for(lambda: self._busy == 0, timeout=timeout_s)
         if self._sweeper is not None:
             self._sweeper.stop()
             self._sweeper = None
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
+            try:
+                self.ledger.unregister(self.worker_id, sorted(self.settings.accounts))
+            except StoreError as exc:
+                log.warning("worker.unregister_failed", error=str(exc))
+
+    # -- heartbeat -------------------------------------------------------------------------
+
+    def beat_once(self) -> None:
+        """One heartbeat; logs when an account's fleet-wide limit differs from ours."""
+        declarations = [self.limiter.declaration(a) for a in self.settings.accounts.values()]
+        effective = self.ledger.heartbeat(
+            self.worker_id, self.held.snapshot(), declarations, timeout_s=WORKER_TIMEOUT_S
+        )
+        for name, spec in effective.items():
+            if self._effective.get(name) == spec:
+                continue
+            self._effective[name] = spec
+            account = self.settings.accounts[name]
+            own = self.limiter.declaration(account)[1:]
+            if spec != own:
+                fleet = self.limiter.effective(account.rate_limit, ",".join(map(repr, spec)))
+                log.warning(
+                    "ratelimit.conflict",
+                    account=name,
+                    configured=str(account.rate_limit),
+                    effective=str(fleet),
+                    why="another worker declares a different limit for this account; "
+                    "every worker uses the strictest one declared",
+                )
+
+    # -- one message -----------------------------------------------------------------------
+
+    def received(self, message_id: str) -> None:
+        """Celery handed this worker the message (prefetched or to run now)."""
+        self.held.add(message_id)
+
+    def deliver(self, message_id: str, refs: Iterable[str]) -> None:
+        """Deliver the reports of one message, one after another. On shutdown, the report in
+        flight finishes and the ones not reached go back to the queue at once."""
+        self.held.add(message_id)
+        with self._busy_cond:
+            self._busy += 1
+        try:
+            for ref in refs:
+                if self.stopping.is_set():
+                    break
+                self._process_one(ref, message_id)
+        finally:
+            try:
+                handed = self._store(lambda: self.ledger.done(message_id), "done")
+            except StoreError as exc:  # its reports stay where the sweeper finds them
+                log.warning("message.done_failed", message_id=message_id, error=str(exc))
+            else:
+                if handed:
+                    log.info("message.handed_back", message_id=message_id, reports=handed)
+            self.held.finish(message_id)
+            with self._busy_cond:
+                self._busy -= 1
+                self._busy_cond.notify_all()
+
+    def _process_one(self, ref: str, message_id: str) -> None:
+        try:
+            self.process(ref, message_id)
+        except StoreError as exc:
+            log.warning("report.store_failed", ref=ref, error=str(exc))
+        except Exception:  # a defect: the report stays running under us; the sweep re-queues it
+            log.exception("report.failed", ref=ref)
+
+    def _store(self, call: Callable[[], T], what: str) -> T:
+        """``call()``, retried while Redis is full or unreachable (for ``STORE_RETRY_S``, or
+        not at all once shutting down). Every ledger script writes all or nothing, so a
+        retry never doubles a write."""
+        deadline = time.monotonic() + STORE_RETRY_S
+        delay = 0.05
+        while True:
+            try:
+                return call()
+            except StoreError as exc:
+                if self.stopping.is_set() or time.monotonic() + delay > deadline:
+                    raise
+                now = time.monotonic()
+                if now - self._store_logged > 10:
+                    self._store_logged = now
+                    log.warning("store.retrying", call=what, error=str(exc))
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     # -- one report ------------------------------------------------------------------------
 
@@ -97,7 +241,12 @@ class Runtime:
         account_name, task_id = split_ref(ref)
         account = self.settings.accounts.get(account_name)
         limiter_args = self.limiter.claim_args(account) if account is not None else ()
-        claim = self.ledger.claim(ref, message_id, self.settings.lease_s, limiter_args)
+        claim = self._store(
+            lambda: self.ledger.claim(
+                ref, message_id, self.settings.lease_s, limiter_args, worker=self.worker_id
+            ),
+            "claim",
+        )
         if isinstance(claim, str):
             log.debug("report.skipped", task_id=task_id, account=account_name, state=claim)
             return "skipped"
@@ -189,14 +338,17 @@ class Runtime:
             return self._bury(
                 job, "expired", "", "the rate limit leaves no slot before the deadline"
             )
-        if self.ledger.finish(
-            job.ref,
-            job.message_id,
-            "defer",
-            attempts=job.claim.attempts,
-            due=due,
-            planned_slot=slot,
-            limiter_since=since,
+        if self._store(
+            lambda: self.ledger.finish(
+                job.ref,
+                job.message_id,
+                "defer",
+                attempts=job.claim.attempts,
+                due=due,
+                planned_slot=slot,
+                limiter_since=since,
+            ),
+            "finish",
         ):
             log.debug("report.deferred", task_id=job.ctx["task_id"], account=job.ctx["account"],
                       due_in_s=round(due - time.time(), 3))  # fmt: skip
@@ -214,24 +366,30 @@ class Runtime:
                             error_code=outcome.error_code, cool_down_s=cooling)  # fmt: skip
         if step.action == "accepted":
             field = f"accepted|{ctx['kind']}||{ctx['account']}"
-            self.ledger.finish(
-                job.ref, job.message_id, "accepted", attempts=attempts, stats_field=field
+            self._store(
+                lambda: self.ledger.finish(
+                    job.ref, job.message_id, "accepted", attempts=attempts, stats_field=field
+                ),
+                "finish",
             )
             log.info("report.accepted", **ctx)
             self.metrics.outcome("accepted", claim_kind(ctx), None)
             return "accepted"
         if step.action == "retry":
             field = f"retrying|{ctx['kind']}|{outcome.error_code}|{ctx['account']}"
-            if self.ledger.finish(
-                job.ref,
-                job.message_id,
-                "retry",
-                attempts=attempts,
-                stats_field=field,
-                error_code=outcome.error_code,
-                http_status=outcome.http_status,
-                error=outcome.detail,
-                due=step.due,
+            if self._store(
+                lambda: self.ledger.finish(
+                    job.ref,
+                    job.message_id,
+                    "retry",
+                    attempts=attempts,
+                    stats_field=field,
+                    error_code=outcome.error_code,
+                    http_status=outcome.http_status,
+                    error=outcome.detail,
+                    due=step.due,
+                ),
+                "finish",
             ):
                 log.info(
                     "report.retrying", **ctx, delay_s=round(step.delay_s, 2), error=outcome.detail
@@ -260,15 +418,18 @@ class Runtime:
         attempts: int | None = None,
         http_status: int | None = None,
     ) -> str:
-        if self.ledger.finish(
-            job.ref,
-            job.message_id,
-            "dead",
-            attempts=job.claim.attempts if attempts is None else attempts,
-            error_code=error_code,
-            http_status=http_status,
-            error=error,
-            reason=reason,
+        if self._store(
+            lambda: self.ledger.finish(
+                job.ref,
+                job.message_id,
+                "dead",
+                attempts=job.claim.attempts if attempts is None else attempts,
+                error_code=error_code,
+                http_status=http_status,
+                error=error,
+                reason=reason,
+            ),
+            "finish",
         ):
             job.ctx.setdefault("error_code", error_code or None)
             log.warning("report.dead_lettered", **job.ctx, reason=reason, error=error)
@@ -283,7 +444,7 @@ class Runtime:
     def _pause(self, account: Account, outcome: Outcome) -> None:
         seconds = self.settings.account_pause_s
         reason = json.dumps({"error_code": outcome.error_code, "at": time.time()})
-        if self.ledger.pause(account.name, seconds, reason):
+        if self._store(lambda: self.ledger.pause(account.name, seconds, reason), "pause"):
             log.warning(
                 "account.paused",
                 account=account.name,
@@ -305,12 +466,15 @@ class Runtime:
             lease_s=self.settings.lease_s,
             max_deliveries=self.settings.max_deliveries,
             lost_grace_s=self.settings.lost_grace_s,
+            worker_timeout_s=WORKER_TIMEOUT_S,
         )
         for event in events:
-            _log_sweep_event(event)
+            why = _log_sweep_event(event)
             if event.kind == "poison":
                 kind = ([*event.detail.split("|"), "", "", ""])[2]
                 self.metrics.outcome("poison", kind, None)
+            elif why:
+                self.metrics.recovered.labels(why).inc()
         return events
 
 
@@ -328,10 +492,14 @@ def claim_kind(ctx: dict[str, Any]) -> str:
     return str(ctx.get("kind") or "")
 
 
-def _log_sweep_event(event: SweepEvent) -> None:
+def _log_sweep_event(event: SweepEvent) -> str | None:
+    """One log line for a sweep event; returns why a report was recovered, if it was."""
     if event.kind == "resumed":
         log.info("account.resumed", account=event.subject, by="timer")
-        return
+        return None
+    if event.kind == "worker_dead":
+        log.warning("worker.lost", worker=event.subject, silent_s=float(event.detail or 0))
+        return None
     account, task_id = split_ref(event.subject)
     if event.kind == "poison":
         deliveries, ctype, kind = ([*event.detail.split("|"), "", ""])[:3]
@@ -344,11 +512,71 @@ def _log_sweep_event(event: SweepEvent) -> None:
             reason="poison",
             deliveries=int(deliveries or 0),
         )
-    elif event.kind == "requeued":
+        return None
+    if event.kind == "requeued":
         log.debug("report.requeued", task_id=task_id, account=account)
-    else:  # lease_expired | lost
-        why = "worker lost mid-flight" if event.kind == "lease_expired" else "message lost"
-        log.warning("report.recovered", task_id=task_id, account=account, why=why)
+        return None
+    if event.kind == "worker_lost":
+        why = "worker lost mid-flight"
+    elif event.kind == "lease_expired":
+        why = "lease expired"
+    else:  # orphaned: "why|new message id"
+        why = event.detail.split("|", 1)[0] or "message orphaned"
+    log.warning("report.recovered", task_id=task_id, account=account, why=why)
+    return why
+
+
+class HeldMessages:
+    """The messages this worker has received and not finished, for its heartbeat. A finished
+    one lingers ``linger_s`` (until kombu's ack has surely landed)."""
+
+    def __init__(self, linger_s: float) -> None:
+        self.linger_s = linger_s
+        self._items: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, message_id: str) -> None:
+        with self._lock:
+            self._items[message_id] = math.inf
+
+    def finish(self, message_id: str) -> None:
+        with self._lock:
+            self._items[message_id] = time.monotonic() + self.linger_s
+
+    def snapshot(self) -> list[str]:
+        now = time.monotonic()
+        with self._lock:
+            for gone in [m for m, until in self._items.items() if until <= now]:
+                del self._items[gone]
+            return list(self._items)
+
+
+class Heartbeat(threading.Thread):
+    """Beats every ``HEARTBEAT_S``; never raises (a failure is logged at most every 30 s)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__(name="report-forwarder-heartbeat", daemon=True)
+        self.runtime = runtime
+        self._stop_event = threading.Event()
+        self._last_error = 0.0
+
+    def run(self) -> None:
+        while not self._stop_event.wait(HEARTBEAT_S):
+            try:
+                self.runtime.beat_once()
+            except Exception as exc:
+                now = time.monotonic()
+                if now - self._last_error > 30:
+                    log.warning(
+                        "worker.heartbeat_failed",
+                        error=f"{type(exc).__name__}: {exc}",
+                        exc_info=not isinstance(exc, StoreError | redis.RedisError),
+                    )
+                    self._last_error = now
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
 
 
 class Sweeper(threading.Thread):
@@ -378,7 +606,7 @@ class Sweeper(threading.Thread):
                 log.warning(
                     "sweeper.failed",
                     error=f"{type(exc).__name__}: {exc}",
-                    exc_info=not isinstance(exc, redis.RedisError),
+                    exc_info=not isinstance(exc, StoreError | redis.RedisError),
                 )
                 self._last_error = now
             return 0

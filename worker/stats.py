@@ -13,7 +13,8 @@ import redis
 
 from .config import Settings
 from .deadletter import REASONS
-from .keys import Keys
+from .keys import Keys, split_ref
+from .ledger import WORKER_TIMEOUT_S
 from .messages import list_keys
 from .ratelimit import Limiter
 
@@ -37,6 +38,26 @@ def minute_counts(
     return [{_text(k): int(v) for k, v in row.items()} for row in pipe.execute()]
 
 
+def _orphaned(client: redis.Redis, keys: Keys, suspects: list[str]) -> int:
+    """Pending reports whose message is in no list and held by no live worker (the sweep's
+    suspects): normally 0, or a few for under ``lost_grace_s`` before the sweep hands them
+    on. Anything else — above 0 for long — means reports are stranded: ops must see it."""
+    count = 0
+    for message_id in suspects[:1000]:
+        entry = client.hget(keys.msgrefs, message_id)
+        refs = _text(entry).split("|", 1)[1].split(",") if entry else []
+        if not refs:
+            continue
+        pipe = client.pipeline(transaction=False)
+        for ref in refs:
+            account, task_id = split_ref(ref)
+            pipe.hmget(keys.report(account, task_id), "s", "m")
+        count += sum(
+            1 for state, owner in pipe.execute() if state == b"q" and owner == message_id.encode()
+        )
+    return count
+
+
 def snapshot(
     client: redis.Redis, settings: Settings, *, now: float | None = None
 ) -> dict[str, Any]:
@@ -56,12 +77,18 @@ def snapshot(
     pipe.xlen(keys.dead)
     pipe.zrange(keys.paused, 0, -1, withscores=True)
     pipe.hgetall(keys.deadcount)
+    pipe.hkeys(keys.suspect)
+    pipe.zrange(keys.workers, 0, -1, withscores=True)
+    pipe.time()
     second = int(now)
     for sec in range(second - SPARK_SECONDS, second):
         pipe.get(keys.throughput(sec))
     (depth_u, depth_n, npending, waiting, running, oldest_n, oldest_u, dead_total, paused,
-     dead_by_reason, *per_second) = pipe.execute()  # fmt: skip
+     dead_by_reason, suspects, workers, redis_time, *per_second) = pipe.execute()  # fmt: skip
     depth = int(depth_u) + int(depth_n)
+    rnow = redis_time[0] + redis_time[1] / 1e6
+    live_workers = sum(1 for _, beat in workers if rnow - beat < WORKER_TIMEOUT_S)
+    orphaned = _orphaned(client, keys, [_text(s) for s in suspects])
 
     oldest_age = None
     for oldest in (oldest_n, oldest_u):
@@ -115,7 +142,9 @@ def snapshot(
             "waiting_retry": int(waiting),
             "in_flight": int(running),
             "oldest_queued_age_s": None if oldest_age is None else round(oldest_age, 3),
+            "orphaned": orphaned,
         },
+        "workers": live_workers,
         "throughput": windows,
         "dead_letters": {
             "total": int(dead_total),

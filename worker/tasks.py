@@ -24,9 +24,6 @@ def register(app: Celery) -> Task[Any, Any]:
         max_retries=0,
     )
     def forward(self: Task[Any, Any], refs: list[str]) -> None:
-        runtime = self.app.runtime  # type: ignore[attr-defined]
-        message_id = self.request.id
-        for ref in refs:
-            runtime.process(ref, message_id)
+        self.app.runtime.deliver(self.request.id, refs)  # type: ignore[attr-defined]
 
     return forward
