@@ -165,7 +165,7 @@ def test_started_message_given_up_by_its_worker_hands_on_its_other_reports(
     assert [] == ledger.sweep(lease_s=30, max_deliveries=3, lost_grace_s=0.05)
     events = wait_until(lambda: ledger.sweep(lease_s=30, max_deliveries=3, lost_grace_s=0.05))
     assert [("orphaned", "default:8")] == [(e.kind, e.subject) for e in events]
-    again, refs = _pop(redis_client, "reports")
+    _, refs = _pop(redis_client, "reports")
     assert ["default:8"] == refs
 
 
