@@ -70,3 +70,35 @@ def test_account_pause_holds_across_two_worker_processes(
     assert f"replayed {200 - calls}" in replay.stdout
     wait_until(lambda: sandbox.count(success=True) == 200 - calls, timeout=60)
     producer.client.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_two_workers_configured_with_different_limits_share_the_stricter(
+    env: dict[str, str], tmp_path: Path, redis_client: redis.Redis, sandbox: Sandbox
+) -> None:
+    """One worker says 4/second for the account, another 40/second: the API never sees more
+    than 4 in any 1-s window, and the loose worker says loudly that it runs under 4."""
+    from worker.config import load_settings
+
+    del redis_client  # flushed
+    config = tmp_path / "workers.toml"
+    config.write_text(FAST_RECOVERY)
+    environ = cli_env(env, REPORT_FORWARDER_CONFIG=str(config))
+    workers = WorkerProcesses(environ, tmp_path, concurrency=4)
+    workers.spawn(REPORT_FORWARDER_RATE_LIMIT="4/second")
+    workers.spawn(REPORT_FORWARDER_RATE_LIMIT="40/second")
+    log = tmp_path / "worker-1.log"
+    wait_until(lambda: "ratelimit.conflict" in log.read_text(), timeout=30)
+    producer = Producer(load_settings(environ=environ))
+    assert 24 == producer.enqueue_many([(n, "image") for n in range(1, 25)]).queued
+    wait_until(lambda: sandbox.count(success=True) == 24, timeout=60)
+    workers.stop_all()
+    arrivals = sorted(r.at for r in sandbox.requests())
+    busiest = max(sum(1 for t in arrivals if start <= t < start + 1.0) for start in arrivals)
+    assert busiest <= 4
+    conflicts = [
+        json.loads(line) for line in log.read_text().splitlines() if "ratelimit.conflict" in line
+    ]
+    assert {("4/second", "40/second")} == {(c["effective"], c["configured"]) for c in conflicts}
+    producer.client.close()

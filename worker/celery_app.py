@@ -6,9 +6,15 @@ starts the runtime's sweeper with the worker and stops it with the worker.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import sys
+import time
 import weakref
 from typing import Any
 
+import celery.apps.worker
 from celery import Celery, bootsteps, signals
 
 from . import store
@@ -64,8 +70,31 @@ def _keep_our_logging(**_kwargs: Any) -> None:
     """Connected so Celery leaves logging to :mod:`worker.logs` (no hijacked root logger)."""
 
 
+def _banner_as_log_line(log_format: str) -> None:
+    """Celery writes its shutdown banner ("worker: Warm shutdown (MainProcess)", after a
+    blank line) as plain text, which breaks a JSON log stream. Say it as one of our lines
+    instead. It is said from a signal handler, so: one ``os.write``, no logger, no lock."""
+    as_json = log_format == "json" or (log_format == "auto" and not sys.stdout.isatty())
+
+    def say(msg: str, f: Any = None) -> None:
+        del f
+        text = " ".join(str(msg).split())
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        if as_json:
+            doc = {"event": "worker.shutting_down", "message": text, "level": "info",
+                   "logger": "celery", "timestamp": stamp}  # fmt: skip
+            line = json.dumps(doc) + "\n"
+        else:
+            line = f"{stamp} [info     ] worker.shutting_down  message={text!r}\n"
+        with contextlib.suppress(OSError, AttributeError, ValueError):
+            os.write(sys.__stdout__.fileno(), line.encode())  # type: ignore[union-attr]
+
+    celery.apps.worker.safe_say = say  # type: ignore[attr-defined]
+
+
 def create_app(runtime: Runtime) -> ForwarderApp:
     settings = runtime.settings
+    _banner_as_log_line(settings.log_format)
     app = ForwarderApp("report_forwarder", set_as_current=False)
     app.runtime = runtime
     app.conf.update(

@@ -102,14 +102,15 @@ class WorkerProcesses:
         self.concurrency = concurrency
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def spawn(self, concurrency: int | None = None) -> subprocess.Popen[bytes]:
+    def spawn(self, concurrency: int | None = None, **env: str) -> subprocess.Popen[bytes]:
+        """Start one more worker; ``env`` adds to (or overrides) the shared environment."""
         self.logs.mkdir(parents=True, exist_ok=True)
         path = self.logs / f"worker-{len(self.procs)}.log"
         with open(path, "wb") as log:
             proc = subprocess.Popen(  # noqa: S603
                 [sys.executable, "-m", "worker", "worker", "--concurrency",
                  str(concurrency or self.concurrency)],
-                env=self.env,
+                env={**self.env, **env},
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )  # fmt: skip
