@@ -107,12 +107,15 @@ class _FleetCollector(Collector):
             ("report_forwarder_orphaned_reports", "orphaned",
              "Pending reports whose message is in no queue and held by no live worker (the "
              "sweeper hands them on after a grace period; above 0 for long: see the runbook)."),
-            ("report_forwarder_workers", "workers",
-             "Worker processes with a live heartbeat."),
         ):  # fmt: skip
             gauge = GaugeMetricFamily(name, text)
             gauge.add_metric([], backlog[key])
             yield gauge
+        workers = GaugeMetricFamily(
+            "report_forwarder_workers", "Worker processes with a live heartbeat (fleet-wide)."
+        )
+        workers.add_metric([], snap["workers"])
+        yield workers
         oldest = GaugeMetricFamily(
             "report_forwarder_oldest_queued_age_seconds", "Age of the oldest queued message."
         )
