@@ -344,3 +344,27 @@ def test_every_script_writes_all_or_nothing_when_redis_is_full(
     finally:
         redis_client.config_set("maxmemory", 0)
     assert 1 == ledger.done(message_id)  # works again: 8 handed back (7 is running)
+
+
+def test_stats_and_metrics_show_orphaned_reports_until_they_are_handed_on(
+    producer: Producer, ledger: Ledger, redis_client: redis.Redis
+) -> None:
+    """Reports whose message is in no list and held by no live worker are counted as
+    "orphaned" in stats and in the metrics (ops see it), and are not once handed on."""
+    from prometheus_client import generate_latest
+
+    from worker.metrics import Metrics
+    from worker.stats import snapshot
+
+    producer.enqueue_many([(7, "image"), (8, "image"), (9, "image")])
+    _pop(redis_client, "reports")  # popped, then lost
+    assert 0 == snapshot(redis_client, producer.settings)["backlog"]["orphaned"]
+    assert [] == ledger.sweep(lease_s=30, max_deliveries=3, lost_grace_s=60)  # suspect now
+    assert 3 == snapshot(redis_client, producer.settings)["backlog"]["orphaned"]
+    metrics = Metrics()
+    metrics.watch(redis_client, producer.settings)
+    assert b"report_forwarder_orphaned_reports 3.0" in generate_latest(metrics.registry)
+    events = ledger.sweep(lease_s=30, max_deliveries=3, lost_grace_s=0.0)
+    assert 3 == len(events)
+    assert 0 == snapshot(redis_client, producer.settings)["backlog"]["orphaned"]
+    assert 1 == queue_length(redis_client)
