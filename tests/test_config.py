@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from worker.config import Account, RateLimit, Settings, client_key, load_settings
 from worker.errors import ConfigError, ReportError
@@ -549,3 +554,247 @@ def test_client_key_is_none_when_unset_or_empty(environ: dict[str, str]) -> None
     account: Account = load_settings(environ={}).account("default")
 
     assert client_key(account, environ) is None
+
+
+# --- hostile configuration -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "unknown", "suggestion"),
+    [
+        ("[delivery]\nmax_atempts = 3\n", "delivery.max_atempts", "delivery.max_attempts"),
+        ("[delivry]\nmax_attempts = 3\n", "delivry", "delivery"),
+        ("[redis]\nconnect_retry = 1\n", "redis.connect_retry", "redis.connect_retry_s"),
+        (
+            '[accounts.default]\nrate_limt = "5/second"\n',
+            "accounts.default.rate_limt",
+            "accounts.default.rate_limit",
+        ),
+        (
+            "[providers.capmonster]\ndeadline = 60\n",
+            "providers.capmonster.deadline",
+            "providers.capmonster.deadline_s",
+        ),
+    ],
+)
+def test_unknown_key_is_refused_naming_the_nearest_valid_one(
+    tmp_path: Path, text: str, unknown: str, suggestion: str
+) -> None:
+    """A key no setting reads (a typo) is a ConfigError naming the file, the key and the
+    nearest valid key, instead of being silently ignored."""
+    path = config_file(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"REPORT_FORWARDER_CONFIG": str(path)})
+    message = str(info.value)
+    assert str(path) in message
+    assert f"unknown key {unknown!r}" in message
+    assert f"did you mean {suggestion!r}?" in message
+
+
+def test_unknown_key_far_from_any_lists_the_known_ones(tmp_path: Path) -> None:
+    """With no near match the message lists the section's keys."""
+    with pytest.raises(ConfigError, match=r"known keys in \[worker\]: concurrency, connect"):
+        with_config(tmp_path, "[worker]\nzzzzzz = 1\n")
+
+
+def test_a_section_that_is_not_a_table_is_refused(tmp_path: Path) -> None:
+    """`delivery = 5` instead of a [delivery] table is a ConfigError, not a crash."""
+    with pytest.raises(ConfigError, match=r"delivery = 5: expected a table \[delivery\]"):
+        with_config(tmp_path, "delivery = 5\n")
+
+
+@pytest.mark.parametrize("value", ["1e9", "1025", "2000000", "0", "1.5"])
+def test_concurrency_beyond_the_command_lines_cap_is_refused(tmp_path: Path, value: str) -> None:
+    """worker.concurrency is held to the same 1 to 1024 as `worker --concurrency`."""
+    with pytest.raises(
+        ConfigError, match=r"worker.concurrency = .*: expected an integer from 1 to 1024"
+    ):
+        with_config(tmp_path, f"[worker]\nconcurrency = {value}\n")
+
+
+def test_concurrency_at_the_cap_is_accepted(tmp_path: Path) -> None:
+    """1024 threads is the largest accepted."""
+    assert 1024 == with_config(tmp_path, "[worker]\nconcurrency = 1024\n").concurrency
+
+
+def test_account_deadline_is_capped_by_the_providers_task_lifetime(tmp_path: Path) -> None:
+    """`deadline_s = 100000` on an account is capped at its provider's deadline (after it the
+    provider has forgotten the task), like delivery.report_deadline_s; a shorter one stays."""
+    s = with_config(
+        tmp_path,
+        SECOND_ACCOUNT.replace(
+            'rate_limit = "5/second"', 'rate_limit = "5/second"\ndeadline_s = 100000'
+        )
+        + ANTI_CAPTCHA.replace(
+            'rate_limit = "10/second"', 'rate_limit = "10/second"\ndeadline_s = 100000'
+        )
+        + "[accounts.default]\ndeadline_s = 120\n",
+    )
+    assert 300 == s.account("second").deadline_s
+    assert 60 == s.account("anti").deadline_s
+    assert 120 == s.account("default").deadline_s
+
+
+def test_error_codes_that_are_not_a_table_are_refused(tmp_path: Path) -> None:
+    """`error_codes = "x"` in a provider profile is a ConfigError naming the key."""
+    with pytest.raises(
+        ConfigError, match=r"providers.capmonster.error_codes = 'x': expected a table"
+    ):
+        with_config(tmp_path, '[providers.capmonster]\nerror_codes = "x"\n')
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    """A config file with bytes that are not UTF-8 is a ConfigError naming the file and the
+    byte, not a UnicodeDecodeError."""
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[accounts.default]\nkey_env = "CL\xc9"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"REPORT_FORWARDER_CONFIG": str(path)})
+    assert str(path) in str(info.value)
+    assert "not UTF-8 text (byte 0xc9" in str(info.value)
+
+
+def test_connect_retry_has_a_default_a_file_key_and_an_env_var(tmp_path: Path) -> None:
+    """redis.connect_retry_s: 5 s by default, from the file, or REPORT_FORWARDER_CONNECT_RETRY_S."""
+    assert 5.0 == load_settings(environ={}).connect_retry_s
+    assert 1.5 == with_config(tmp_path, "[redis]\nconnect_retry_s = 1.5\n").connect_retry_s
+    assert 0 == load_settings(environ={"REPORT_FORWARDER_CONNECT_RETRY_S": "0"}).connect_retry_s
+    with pytest.raises(ConfigError, match=r"redis\.connect_retry_s"):
+        load_settings(environ={"REPORT_FORWARDER_CONNECT_RETRY_S": "-1"})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:99999",
+        "redis://127.0.0.1:port/0",
+        "redis://h/abc",
+        "redis://h/-1",
+        "redis://h/" + "9" * 5000,
+        "redis://[::1",
+        "redis://ho st/0",
+        "unix://",
+        "garbage",
+    ],
+)
+def test_a_redis_url_that_cannot_name_a_server_is_refused(url: str) -> None:
+    """A URL with a bad port, database, host or path is a ConfigError at load time."""
+    with pytest.raises(ConfigError, match=r"redis\.url"):
+        load_settings(environ={"REDIS_URL": url})
+
+
+def test_a_refused_redis_url_never_shows_its_password() -> None:
+    """The message quotes the URL with the password masked."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"REDIS_URL": "redis://:hunter2@h:99999/0"})
+    assert "hunter2" not in str(info.value)
+    assert "redis://****@h:99999/0" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://h", "redis://h:6380/3", "rediss://u:p@h/0", "unix:///tmp/r.sock"]
+)
+def test_usable_redis_urls_are_accepted(url: str) -> None:
+    """Ordinary URLs load unchanged."""
+    assert url == load_settings(environ={"REDIS_URL": url}).redis_url
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return {"nan": "nan", "inf": "inf", "-inf": "-inf"}.get(repr(value), repr(value))
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    assert isinstance(value, list)
+    return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+
+
+KNOWN_TABLES = {
+    "redis": ["url", "key_prefix", "connect_retry_s", "urll"],
+    "service": ["home", "queue", "log_format", "log_level"],
+    "worker": ["concurrency", "connect_timeout_s", "read_timeout_s"],
+    "delivery": ["report_deadline_s", "max_attempts", "backoff_base_s", "dedup_ttl_s"],
+    "recovery": ["lease_s", "visibility_timeout_s", "max_deliveries", "sweep_interval_s"],
+    "ratelimit": ["margin_ms", "max_inline_wait_s"],
+    "dead_letters": ["max_entries", "max_age_s"],
+    "accounts.default": ["provider", "key_env", "rate_limit", "api_url", "deadline_s"],
+    "accounts.x": ["provider", "key_env", "rate_limit", "deadline_s"],
+    "providers.capmonster": ["base_url", "deadline_s", "endpoints", "error_codes"],
+    "providers.p2": ["base_url", "deadline_s"],
+    "providers.p2.endpoints": ["image", "token", "x"],
+    "providers.p2.error_codes": ["ERROR_X"],
+    "types": ["Foo", "image"],
+    "families": ["foo", "image"],
+}
+toml_values = st.one_of(
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(),
+    st.booleans(),
+    st.text(max_size=12),
+    st.lists(st.integers(-5, 5), max_size=3),
+    st.sampled_from(
+        [
+            "50/second",
+            "1/s",
+            "capmonster",
+            "p2",
+            "/x",
+            "image",
+            "token",
+            "rejected",
+            "K_ENV",
+            "http://x.test",
+            "redis://h/0",
+            "1e9",
+            "",
+            "json",
+            "INFO",
+            "9" * 60,
+        ]
+    ),
+)
+toml_docs = st.dictionaries(
+    st.sampled_from(sorted(KNOWN_TABLES)),
+    st.one_of(
+        st.just("not-a-table"),
+        st.lists(st.tuples(st.integers(0, 10), toml_values), max_size=4),
+    ),
+    max_size=6,
+)
+
+
+def _render_toml(doc: dict[str, object]) -> str:
+    lines = []
+    for table, entries in sorted(doc.items()):
+        if entries == "not-a-table":
+            if "." not in table:
+                lines.insert(0, f"{table} = 5")
+            continue
+        lines.append(f"[{table}]")
+        seen = set()
+        for index, value in entries:  # type: ignore[attr-defined]
+            key = KNOWN_TABLES[table][index % len(KNOWN_TABLES[table])]
+            if key not in seen:
+                seen.add(key)
+                lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+@given(doc=toml_docs)
+@hypothesis_settings(max_examples=300, deadline=None)
+def test_any_config_file_loads_or_is_a_config_error(doc: dict[str, object]) -> None:
+    """Whatever a TOML config file holds (wrong types, huge or non-finite numbers, typos,
+    sections that are not tables), loading it gives Settings or a ConfigError — never
+    another exception."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "c.toml"
+        path.write_text(_render_toml(doc), encoding="utf-8")
+        message = ""
+        try:
+            load_settings(environ={"REPORT_FORWARDER_CONFIG": str(path)})
+        except ConfigError as exc:
+            message = str(exc)
+        assert len(message) < 3000

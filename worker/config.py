@@ -8,6 +8,7 @@ environment variable holding its key, and :func:`client_key` reads it when a wor
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from .captcha_types import CaptchaType, CaptchaTypes
 from .errors import ConfigError, ReportError
@@ -24,6 +26,18 @@ from .errors import ConfigError, ReportError
 DEFAULT_FILES = ("report-forwarder.toml", "providers.toml", "captcha-types.toml")
 ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MIN_BACKOFF_S = 2.0  # CapMonster asks clients to wait at least 2 s between calls
+MAX_CONCURRENCY = 1024  # threads per worker process, in the file as on the command line
+# A producer's or the command line's patience with an unreachable Redis: retried for this
+# long before it gives up (exit 3). Workers keep their own, longer patience (store.py).
+DEFAULT_CONNECT_RETRY_S = 5.0
+MAX_NUMBER = 1e9  # no setting means anything beyond this (31 years, a billion entries)
+
+# Keys a file may set besides those in the checked-in defaults (documented there, commented
+# out because their default lives in code).
+OPTIONAL_KEYS = ("redis.connect_retry_s",)
+ACCOUNT_KEYS = ("provider", "key_env", "rate_limit", "api_url", "deadline_s")
+PROVIDER_KEYS = ("base_url", "deadline_s", "endpoints", "error_codes")
+FREE_TABLES = ("types", "families")  # any name = value
 
 # env var -> (dotted key, kind of value)
 ENV_OVERRIDES: dict[str, str] = {
@@ -34,6 +48,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "REPORT_FORWARDER_ACCOUNT_PAUSE_S": "delivery.account_pause_s",
     "REPORT_FORWARDER_RATE_LIMIT": "accounts.default.rate_limit",
     "REPORT_FORWARDER_API_URL": "api_url_override",
+    "REPORT_FORWARDER_CONNECT_RETRY_S": "redis.connect_retry_s",
 }
 
 _PERIODS = {
@@ -62,11 +77,14 @@ class RateLimit:
     @classmethod
     def parse(cls, text: str) -> RateLimit:
         match = _RATE.match(text) if isinstance(text, str) else None
+        if match is not None and max(len(match.group(1)), len(match.group(2))) > 9:
+            match = None  # beyond any API's limit (and beyond int()'s digit limit)
         unit = _PERIODS.get(match.group(3).lower()) if match else None
         multiple = int(match.group(2) or 1) if match else 0
         if match is None or unit is None or int(match.group(1)) < 1 or multiple < 1:
             raise ValueError(
-                f"{text!r} is not a rate limit; expected e.g. '50/second', '600/minute', '5/10s'"
+                f"{abbreviate(text)} is not a rate limit; expected e.g. '50/second', "
+                "'600/minute', '5/10s'"
             )
         return cls(amount=int(match.group(1)), period_s=unit * multiple)
 
@@ -151,6 +169,7 @@ class Settings:
     accounts: Mapping[str, Account]
     captcha_types: CaptchaTypes
     sources: tuple[str, ...] = ()
+    connect_retry_s: float = DEFAULT_CONNECT_RETRY_S
 
     @property
     def embedded_redis(self) -> bool:
@@ -164,6 +183,16 @@ class Settings:
                 f"unknown account {name!r}; configured accounts: {', '.join(sorted(self.accounts))}"
             )
         return found
+
+
+def abbreviate(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for messages that quote input
+    (never raises, even for an integer too long for ``repr``)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's digit limit for str()
+        return f"<an integer of {value.bit_length() if isinstance(value, int) else '?'} bits>"
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
 
 
 def client_key(account: Account, environ: Mapping[str, str] | None = None) -> str | None:
@@ -184,19 +213,20 @@ def load_settings(
     env = dict(os.environ if environ is None else environ)
     raw: dict[str, Any] = {}
     sources = []
+    builtin = []
     for name in DEFAULT_FILES:
         text = resources.files("worker.defaults").joinpath(name).read_text("utf-8")
-        _merge(raw, _parse_toml(text, f"(built-in) {name}"))
+        builtin.append((f"(built-in) {name}", _parse_toml(text, f"(built-in) {name}")))
+    schema = _schema(doc for _, doc in builtin)
+    for where, doc in builtin:
+        _check_keys(doc, where, schema)
+        _merge(raw, doc)
     sources.append("built-in defaults")
     file = path or env.get("REPORT_FORWARDER_CONFIG")
     if file:
-        try:
-            text = Path(file).read_text("utf-8")
-        except OSError as exc:
-            raise ConfigError(
-                f"REPORT_FORWARDER_CONFIG = {str(file)!r}: cannot read it ({exc.strerror})"
-            ) from exc
-        _merge(raw, _parse_toml(text, str(file)))
+        doc = _parse_toml(_read_config(file), str(file))
+        _check_keys(doc, str(file), schema)
+        _merge(raw, doc)
         sources.append(str(file))
     origin: dict[str, str] = {}
     for var, dotted in ENV_OVERRIDES.items():
@@ -204,6 +234,80 @@ def load_settings(
             _set_dotted(raw, dotted, env[var])
             origin[dotted] = var
     return _build(raw, origin, env, tuple(sources))
+
+
+def _read_config(file: str | os.PathLike[str]) -> str:
+    """The text of the config file, or ConfigError naming it and what is wrong."""
+    shown = repr(str(file))
+    try:
+        data = Path(file).read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"REPORT_FORWARDER_CONFIG = {shown}: cannot read it ({exc.strerror or exc})"
+        ) from exc
+    except ValueError as exc:  # an embedded NUL
+        raise ConfigError(f"REPORT_FORWARDER_CONFIG = {shown}: not a usable path ({exc})") from exc
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"REPORT_FORWARDER_CONFIG = {shown}: not UTF-8 text (byte 0x{data[exc.start]:02x} at "
+            f"offset {exc.start}); TOML files are UTF-8"
+        ) from exc
+
+
+def _schema(docs: Any) -> dict[str, set[str]]:
+    """Section -> the keys it may hold: those of the checked-in defaults, plus OPTIONAL_KEYS."""
+    schema: dict[str, set[str]] = {}
+    for doc in docs:
+        for section, table in doc.items():
+            keys = schema.setdefault(section, set())
+            if isinstance(table, Mapping) and section not in ("accounts", "providers"):
+                keys.update(table)
+    for dotted in OPTIONAL_KEYS:
+        section, key = dotted.split(".", 1)
+        schema.setdefault(section, set()).add(key)
+    return schema
+
+
+def _check_keys(doc: Mapping[str, Any], where: str, schema: Mapping[str, set[str]]) -> None:
+    """Refuse a key no setting reads (a typo would otherwise be silently ignored), naming
+    the nearest valid one, and a section that is not a table."""
+
+    def unknown(dotted: str, known: Any) -> ConfigError:
+        near = difflib.get_close_matches(dotted.rsplit(".", 1)[-1], sorted(known), n=1)
+        parent = dotted.rsplit(".", 1)[0] if "." in dotted else ""
+        hint = (
+            f"did you mean {(parent + '.' if parent else '') + near[0]!r}?"
+            if near
+            else f"known keys{f' in [{parent}]' if parent else ''}: {', '.join(sorted(known))}"
+        )
+        return ConfigError(f"{where}: unknown key {dotted!r}; {hint}")
+
+    for section, table in doc.items():
+        if section not in schema:
+            raise unknown(section, schema)
+        if not isinstance(table, Mapping):
+            raise ConfigError(
+                f"{where}: {section} = {abbreviate(table)}: expected a table [{section}]"
+            )
+        if section in FREE_TABLES:
+            continue
+        if section in ("accounts", "providers"):
+            allowed = ACCOUNT_KEYS if section == "accounts" else PROVIDER_KEYS
+            for name, entry in table.items():
+                if not isinstance(entry, Mapping):
+                    raise ConfigError(
+                        f"{where}: {section}.{name} = {abbreviate(entry)}: "
+                        f"expected a table [{section}.{name}]"
+                    )
+                for key in entry:
+                    if key not in allowed:
+                        raise unknown(f"{section}.{name}.{key}", allowed)
+            continue
+        for key in table:
+            if key not in schema[section]:
+                raise unknown(f"{section}.{key}", schema[section])
 
 
 def _parse_toml(text: str, where: str) -> dict[str, Any]:
@@ -246,20 +350,28 @@ class _Reader:
 
     def fail(self, dotted: str, value: Any, expected: str) -> ConfigError:
         where = f" (from {self.origin[dotted]})" if dotted in self.origin else ""
-        return ConfigError(f"{dotted} = {value!r}{where}: expected {expected}")
+        return ConfigError(f"{dotted} = {abbreviate(value)}{where}: expected {expected}")
 
-    def number(self, dotted: str, *, minimum: float = 0.0, integer: bool = False) -> Any:
-        value = self.get(dotted)
+    def number(
+        self,
+        dotted: str,
+        *,
+        minimum: float = 0.0,
+        maximum: float = MAX_NUMBER,
+        integer: bool = False,
+        default: Any = None,
+    ) -> Any:
+        value = self.get(dotted, default)
         try:
             number = float(value) if not isinstance(value, bool) else math.nan
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             number = math.nan
-        ok = math.isfinite(number) and number >= minimum
+        ok = math.isfinite(number) and minimum <= number <= maximum
         if integer:
             ok = ok and number.is_integer()
         if not ok:
             kind = "an integer" if integer else "a number"
-            raise self.fail(dotted, value, f"{kind} >= {minimum:g}")
+            raise self.fail(dotted, value, f"{kind} from {minimum:g} to {maximum:g}")
         return int(number) if integer else number
 
     def string(self, dotted: str, *, choices: tuple[str, ...] | None = None) -> str:
@@ -294,8 +406,8 @@ def _build(
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", key_prefix):
         raise r.fail("redis.key_prefix", key_prefix, "1-32 letters, digits, '_', '.' or '-'")
     redis_url = r.string("redis.url")
-    if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise r.fail("redis.url", redis_url, "a redis://, rediss:// or unix:// URL")
+    if redis_url:
+        _check_redis_url(r, redis_url)
     log_level = r.string("service.log_level").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise r.fail("service.log_level", log_level, "DEBUG, INFO, WARNING or ERROR")
@@ -306,7 +418,9 @@ def _build(
         queue=r.string("service.queue") or "reports",
         log_format=r.string("service.log_format", choices=("auto", "json", "console")),
         log_level=log_level,
-        concurrency=r.number("worker.concurrency", minimum=1, integer=True),
+        concurrency=r.number(
+            "worker.concurrency", minimum=1, maximum=MAX_CONCURRENCY, integer=True
+        ),
         connect_timeout_s=r.number("worker.connect_timeout_s", minimum=0.1),
         read_timeout_s=r.number("worker.read_timeout_s", minimum=0.1),
         report_deadline_s=report_deadline_s,
@@ -329,6 +443,9 @@ def _build(
         accounts=accounts,
         captcha_types=captcha_types,
         sources=sources,
+        connect_retry_s=r.number(
+            "redis.connect_retry_s", maximum=300, default=DEFAULT_CONNECT_RETRY_S
+        ),
     )
     min_visibility = settings.lease_s + settings.read_timeout_s + settings.connect_timeout_s
     if settings.visibility_timeout_s <= min_visibility:
@@ -338,6 +455,51 @@ def _build(
             f"more than lease_s + both HTTP timeouts ({min_visibility:g} s)",
         )
     return settings
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password (in the address or as ``?password=``) masked."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(an unparsable URL)" if "@" in url or "password" in url else url
+    netloc = parts.netloc
+    if "@" in netloc:
+        credentials, _, host = netloc.rpartition("@")
+        if credentials != "****" and not credentials.endswith(":****"):  # not masked yet
+            user = credentials.split(":", 1)[0]
+            netloc = f"{user + ':' if user else ''}****@{host}"
+    query = parts.query
+    if "password" in query:
+        query = "&".join(
+            "password=****" if part.startswith("password=") else part for part in query.split("&")
+        )
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _check_redis_url(r: _Reader, url: str) -> None:
+    """Refuse a Redis URL that cannot name a server: a ConfigError (exit 2), not a Redis
+    that is "unreachable"."""
+    expected = "a redis://[user:password@]host[:port][/db], rediss://... or unix:///path URL"
+    shown = mask_url(url)
+    if not url.startswith(("redis://", "rediss://", "unix://")) or any(
+        ch.isspace() or not ch.isprintable() for ch in url
+    ):
+        raise r.fail("redis.url", shown, expected)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError when out of range or not a number
+    except ValueError as exc:
+        raise r.fail("redis.url", shown, f"{expected} ({exc})") from exc
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise r.fail("redis.url", shown, "unix:// followed by the socket's path")
+        return
+    db = parts.path.strip("/")
+    if db and not (db.isascii() and db.isdigit() and len(db) <= 9):
+        raise r.fail("redis.url", shown, f"{expected}, db a number such as /0")
 
 
 def _providers(r: _Reader) -> dict[str, Provider]:
@@ -351,6 +513,8 @@ def _providers(r: _Reader) -> dict[str, Provider]:
             if not isinstance(path, str) or not path.startswith("/"):
                 raise r.fail(f"providers.{name}.endpoints.{key}", path, "a path starting with /")
         codes = r.get(f"providers.{name}.error_codes", {})
+        if not isinstance(codes, Mapping):
+            raise r.fail(f"providers.{name}.error_codes", codes, "a table of ERROR_CODE = outcome")
         allowed = ("accepted", "rejected", "account_fault", "transient")
         for code, outcome in codes.items():
             if outcome not in allowed:
@@ -396,9 +560,10 @@ def _accounts(
             raise r.fail(
                 f"{prefix}.rate_limit", r.get(f"{prefix}.rate_limit"), "e.g. '50/second'"
             ) from exc
+        # capped by the provider's task lifetime: after it a report can only be rejected
         deadline = min(report_deadline_s, provider.deadline_s)
         if r.get(f"{prefix}.deadline_s") is not None:
-            deadline = r.number(f"{prefix}.deadline_s", minimum=1)
+            deadline = min(r.number(f"{prefix}.deadline_s", minimum=1), provider.deadline_s)
         base_url = api_url_override or r.string(f"{prefix}.api_url") or provider.base_url
         if not base_url.startswith(("http://", "https://")):
             raise r.fail(f"{prefix}.api_url", base_url, "an http(s):// URL")
