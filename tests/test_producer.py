@@ -6,11 +6,14 @@ from typing import Any
 
 import pytest
 import redis
+from hypothesis import HealthCheck, given
+from hypothesis import settings as run_settings
+from hypothesis import strategies as st
 
 from worker.config import Settings
 from worker.errors import ReportError
 from worker.keys import Keys
-from worker.producer import Producer
+from worker.producer import MAX_TASK_ID, Producer, parse_task_id
 
 from .conftest import queue_length
 
@@ -161,3 +164,126 @@ def test_library_use_without_logging_setup(settings: Settings, redis_client: red
         line.split(" ")[0] for line in result.stderr.splitlines()
     ]
     assert b"3" == redis_client.get("rf:npending")
+
+
+# --- hostile taskIds (hypothesis) -------------------------------------------------------------
+
+HUGE = "9" * 5000
+
+
+def test_a_5000_digit_task_id_is_a_report_error_from_the_public_api(
+    settings: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`worker.enqueue_report` with a 5,000-digit taskId (beyond int()'s digit limit) raises
+    ReportError naming the limit, as a string or as an int, and queues nothing."""
+    import worker
+    from worker import producer as producer_module
+
+    monkeypatch.setenv("REDIS_URL", settings.redis_url)
+    monkeypatch.setattr(producer_module, "_default", None)
+    for task_id in (HUGE, 10**5000 - 1, "-" + HUGE, " " + HUGE + " "):
+        with pytest.raises(ReportError, match="expected a positive integer") as info:
+            worker.enqueue_report(task_id, "image")  # type: ignore[arg-type]
+        assert len(str(info.value)) < 300
+    result = worker.enqueue_reports([{"taskId": HUGE, "captchaType": "image"}, (1, "image")])
+    assert (1, [0]) == (result.queued, [r.index for r in result.refused])
+    assert b"1" == redis_client.get("rf:npending")
+    producer_module.default_producer().client.close()
+
+
+def _is_valid_task_id(value: object) -> bool:
+    """The oracle: a positive int up to 2**63-1, or such a number as ASCII digits."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return 0 < value <= MAX_TASK_ID
+    if isinstance(value, str):
+        text = value.strip()
+        significant = text.lstrip("0")
+        return (
+            text.isascii()
+            and text.isdigit()
+            and len(significant) <= 19
+            and 0 < int(significant or "0") <= MAX_TASK_ID
+        )
+    return False
+
+
+json_leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=20),
+    st.binary(max_size=20),
+)
+hostile_ids = st.one_of(
+    st.integers(max_value=0),
+    st.integers(min_value=MAX_TASK_ID + 1),
+    st.integers(min_value=10**4300, max_value=10**4400),  # beyond str()'s digit limit
+    st.sampled_from([HUGE, "-" + HUGE, 10**5000 - 1, 1 - 10**5000, float("nan"), float("inf")]),
+    st.floats(),
+    st.booleans(),
+    st.binary(max_size=20),
+    st.text(max_size=30),
+    st.from_regex(r"\s*-?[0-9]{0,40}(\.[0-9]+)?\s*", fullmatch=True),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=5), json_leaves, max_size=3),
+    st.recursive(json_leaves, lambda inner: st.lists(inner, max_size=3), max_leaves=5),
+).filter(lambda v: not _is_valid_task_id(v))
+
+
+@given(task_id=hostile_ids)
+@run_settings(max_examples=300, deadline=None)
+def test_every_invalid_task_id_is_a_report_error(task_id: object) -> None:
+    """Whatever the value (huge, negative, float, bool, bytes, nested, NaN...), an invalid
+    taskId raises ReportError, with a message of bounded size."""
+    with pytest.raises(ReportError, match="invalid taskId") as info:
+        parse_task_id(task_id)
+    assert len(str(info.value)) < 300
+
+
+@given(task_id=st.one_of(st.integers(1, MAX_TASK_ID), st.integers(1, MAX_TASK_ID).map(str)))
+def test_every_valid_task_id_is_accepted(task_id: int | str) -> None:
+    """A positive integer up to 2**63-1, or its digits, is that taskId."""
+    assert int(task_id) == parse_task_id(task_id)
+
+
+hostile_items = st.one_of(
+    hostile_ids.map(lambda t: {"taskId": t, "captchaType": "image"}),
+    hostile_ids.map(lambda t: (t, "token")),
+    st.one_of(json_leaves, st.text(max_size=20), st.lists(json_leaves, max_size=4)).filter(
+        lambda v: not isinstance(v, list) or len(v) not in (2, 3)
+    ),
+    json_leaves.filter(lambda v: not (isinstance(v, str) and v.strip().lower() == "image")).map(
+        lambda c: {"taskId": 5, "captchaType": c}
+    ),
+    json_leaves.filter(lambda a: bool(a) and a != "default").map(
+        lambda a: {"taskId": 5, "captchaType": "image", "account": a}
+    ),
+)
+
+
+@given(plan=st.lists(st.one_of(st.just("valid"), hostile_items), min_size=1, max_size=30))
+@run_settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+def test_bulk_refuses_exactly_the_invalid_items_and_queues_every_valid_one(
+    producer: Producer, redis_client: redis.Redis, plan: list[object]
+) -> None:
+    """In a generated batch mixing valid reports with hostile items, every hostile item is
+    refused with its index and every valid one is queued: nothing aborts the batch."""
+    redis_client.flushall()
+    items = [
+        {"taskId": index + 1, "captchaType": "image"} if entry == "valid" else entry
+        for index, entry in enumerate(plan)
+    ]
+    result = producer.enqueue_many(items, chunk=7)
+    valid = [i for i, entry in enumerate(plan) if entry == "valid"]
+    assert len(valid) == result.queued
+    assert 0 == result.duplicates
+    assert sorted(set(range(len(plan))) - set(valid)) == [r.index for r in result.refused]
+    assert all(len(r.error) <= 2000 for r in result.refused)
+    assert str(len(valid)).encode() == (redis_client.get("rf:npending") or b"0")

@@ -18,6 +18,7 @@ from typing import Any
 
 import redis
 
+from .config import abbreviate
 from .errors import ReportError
 from .keys import Keys
 from .ledger import Ledger
@@ -33,7 +34,8 @@ REASONS = (
 )
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_ID = re.compile(r"^\d+-\d+$")
+_ID = re.compile(r"^([0-9]{1,20})-([0-9]{1,20})$")
+_MAX_ID_PART = 2**64 - 1  # a stream id is two unsigned 64-bit numbers
 _PAGE = 500
 
 
@@ -81,16 +83,27 @@ class Filters:
 
 
 def parse_age(text: str) -> float:
-    """'90', '90s', '15m', '2h', '1d', '1w' -> seconds; ReportError otherwise."""
+    """'90', '90s', '15m', '2h', '1d', '1w' -> seconds (an age beyond the epoch means every
+    dead letter); ReportError otherwise."""
     match = _AGE.match(text or "")
     if match is None:
-        raise ReportError(f"invalid age {text!r}: expected e.g. 90s, 15m, 2h, 1d or 1w")
+        raise ReportError(f"invalid age {abbreviate(text)}: expected e.g. 90s, 15m, 2h, 1d or 1w")
     return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+def check_id(entry_id: str) -> str:
+    """A dead letter's id as the stream spells it (``1764460800000-0``); ReportError otherwise."""
+    match = _ID.match(entry_id)
+    if match is None or max(int(match.group(1)), int(match.group(2))) > _MAX_ID_PART:
+        raise ReportError(
+            f"invalid dead-letter id {abbreviate(entry_id)}: expected e.g. 1764460800000-0"
+        )
+    return entry_id
 
 
 def check_reason(reason: str | None) -> str | None:
     if reason is not None and reason not in REASONS:
-        raise ReportError(f"unknown reason {reason!r}; reasons are: {', '.join(REASONS)}")
+        raise ReportError(f"unknown reason {abbreviate(reason)}; reasons are: {', '.join(REASONS)}")
     return reason
 
 
@@ -135,8 +148,9 @@ class DeadLetters:
     ) -> Iterator[DeadLetter]:
         """Matching dead letters, newest first, paging through the stream."""
         low = "-"
-        if filters.since_s is not None:
-            low = f"{int((time.time() - filters.since_s) * 1000)}-0"
+        now = time.time()
+        if filters.since_s is not None and filters.since_s < now:
+            low = f"{int((now - filters.since_s) * 1000)}-0"
         high = "+"
         while True:
             page: Any
@@ -166,8 +180,7 @@ class DeadLetters:
         return out
 
     def get(self, entry_id: str) -> DeadLetter | None:
-        if not _ID.match(entry_id):
-            raise ReportError(f"invalid dead-letter id {entry_id!r}: expected e.g. 1764460800000-0")
+        check_id(entry_id)
         page: Any = self.client.xrange(self.key, min=entry_id, max=entry_id, count=1)
         return _decode(*page[0]) if page else None
 
@@ -177,7 +190,8 @@ class DeadLetters:
             found = [self.get(entry_id) for entry_id in ids]
             missing = [i for i, letter in zip(ids, found, strict=True) if letter is None]
             if missing:
-                raise ReportError(f"no dead letter with id {', '.join(missing)}")
+                more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+                raise ReportError(f"no dead letter with id {', '.join(missing[:20])}{more}")
             return [letter for letter in found if letter is not None]
         if filters.empty and not everything:
             raise ReportError(
@@ -214,7 +228,7 @@ def replay(producer: Producer, letters: Sequence[DeadLetter], chunk: int = _PAGE
         except ReportError as exc:
             result.refused.append((letter.id, str(exc)))
     for start in range(0, len(rows), chunk):
-        flags = producer.ledger.enqueue(rows[start : start + chunk])
+        flags = producer.enqueue_rows(rows[start : start + chunk])
         result.replayed += sum(flags)
         result.duplicates += len(flags) - sum(flags)
     return result

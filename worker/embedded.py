@@ -77,9 +77,32 @@ def _lock(home: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _unusable_home(home: Path, exc: OSError) -> ConfigError:
+    why = exc.strerror or str(exc)
+    with contextlib.suppress(OSError, ValueError):
+        if home.exists() and not home.is_dir():
+            why = "it is a file, not a folder"
+    return ConfigError(
+        f"REPORT_FORWARDER_HOME = {str(home)!r}: cannot keep the embedded Redis there "
+        f"({why}); choose a writable folder, or set REDIS_URL to an existing Redis"
+    )
+
+
 def ensure_running(home: Path, *, timeout_s: float = 20.0) -> str:
-    """Start the embedded Redis unless it already answers; return its ``unix://`` URL."""
+    """Start the embedded Redis unless it already answers; return its ``unix://`` URL.
+    A home that cannot hold it (a file, not writable) is a ConfigError."""
+    try:
+        return _ensure_running(home, timeout_s)
+    except OSError as exc:
+        raise _unusable_home(home, exc) from exc
+    except ValueError as exc:  # an embedded NUL
+        raise _unusable_home(home, OSError(str(exc))) from exc
+
+
+def _ensure_running(home: Path, timeout_s: float) -> str:
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not os.access(home, os.W_OK | os.X_OK):
+        raise PermissionError(13, "Permission denied", str(home))
     path = socket_path(home)
     if len(str(path)) > MAX_SOCKET_PATH:
         raise ConfigError(
@@ -135,9 +158,17 @@ def ensure_running(home: Path, *, timeout_s: float = 20.0) -> str:
     return url_for(home)
 
 
+def _read_pid(home: Path) -> int | None:
+    """The pid in ``redis.pid``, or None when there is none (or it is not a pid)."""
+    try:
+        text = (home / "redis.pid").read_text(errors="replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 9 else None
+
+
 def status(home: Path) -> dict[str, object]:
-    pid_file = home / "redis.pid"
-    pid = int(pid_file.read_text().strip()) if pid_file.exists() else None
+    pid = _read_pid(home)
     path = socket_path(home)
     return {"home": str(home), "socket": str(path), "running": _ping(path), "pid": pid}
 
@@ -145,10 +176,9 @@ def status(home: Path) -> dict[str, object]:
 def stop(home: Path, *, timeout_s: float = 20.0) -> bool:
     """Stop the embedded Redis (its AOF is complete on disk). False if it was not running."""
     path = socket_path(home)
-    pid_file = home / "redis.pid"
     if not _ping(path):
         return False
-    pid = int(pid_file.read_text().strip()) if pid_file.exists() else None
+    pid = _read_pid(home)
     client = redis.Redis(unix_socket_path=str(path), socket_timeout=5)
     with contextlib.suppress(redis.ConnectionError, redis.ResponseError):
         client.shutdown(nosave=True)

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import redis
 
 from . import store
-from .config import Settings, load_settings
-from .errors import ReportError, StoreError
+from .config import Settings, abbreviate, load_settings
+from .errors import ForwarderError, ReportError
 from .keys import Keys
 from .ledger import Ledger
 from .logs import LibraryLogger
@@ -27,6 +27,8 @@ log = LibraryLogger("worker.producer")
 
 Result = Literal["queued", "duplicate"]
 MAX_TASK_ID = 2**63 - 1
+_MAX_DIGITS = len(str(MAX_TASK_ID))
+MAX_ERROR_CHARS = 2000  # a refusal's message is cut here (it may quote a huge input)
 CHUNK = 1000
 # Reports per Celery message on the bulk path: Celery's per-task cost (about a millisecond
 # of CPU) is paid once for them; each report keeps its own claim, outcome and log line.
@@ -53,18 +55,21 @@ class BulkResult:
 
 
 def parse_task_id(value: object) -> int:
-    """A positive integer taskId from an int or a string of digits; ReportError otherwise."""
-    if isinstance(value, bool):
-        number = None
-    elif isinstance(value, int):
+    """A positive integer taskId from an int or a string of ASCII digits; ReportError for
+    anything else (bool, float, bytes, a negative or huge number, a nested value...)."""
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
         number = value
-    elif isinstance(value, str) and value.strip().isdigit() and value.strip().isascii():
-        number = int(value.strip())
-    else:
-        number = None
+    elif isinstance(value, str):
+        digits = value.strip()
+        if digits.isascii() and digits.isdigit():
+            significant = digits.lstrip("0") or "0"
+            # never int() a string beyond the range: Python refuses 4,300+ digits (ValueError)
+            if len(significant) <= _MAX_DIGITS:
+                number = int(significant)
     if number is None or not 0 < number <= MAX_TASK_ID:
         raise ReportError(
-            f"invalid taskId {value!r}: expected a positive integer (1 to {MAX_TASK_ID})"
+            f"invalid taskId {abbreviate(value)}: expected a positive integer (1 to {MAX_TASK_ID})"
         )
     return number
 
@@ -100,12 +105,46 @@ def fields(item: Any) -> tuple[object, object, object]:
     return _fields(item)
 
 
+def refusal_reason(settings: Settings, item: Any) -> str:
+    """A short, stable label for why a bulk item is refused (counts by reason), following
+    the order of :func:`validate`: not a report, taskId, type, account, endpoint."""
+    try:
+        task_id, ctype, account = _fields(item)
+    except ReportError:
+        return "not a report (missing taskId or captchaType)"
+    checks: tuple[tuple[str, Callable[[], object]], ...] = (
+        ("invalid taskId", lambda: parse_task_id(task_id)),
+        ("unknown captchaType", lambda: settings.captcha_types.resolve(ctype)),
+        ("unknown account", lambda: settings.account(account)),
+        ("captchaType not reportable on the account", lambda: resolve(settings, ctype, account)),
+    )
+    for label, check in checks:
+        try:
+            check()
+        except ReportError:
+            return label
+    return "refused"
+
+
+def short_error(exc: Exception) -> str:
+    """The message of a refusal, cut to MAX_ERROR_CHARS."""
+    text = str(exc)
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
 class Producer:
     """Enqueues reports for one configuration. Thread-safe; reuse one per process."""
 
     def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         self.settings = settings
-        self.client = client or store.connect(store.resolve_url(settings))
+        if client is None:
+            # a producer waits for an unreachable Redis at most connect_retry_s, then raises
+            url = store.resolve_url(settings)
+            client = store.connect(url, retry_s=settings.connect_retry_s)
+            self.redis = store.describe(url)
+        else:
+            self.redis = store.describe_client(client)
+        self.client = client  # self.redis names it in messages, password masked
         self.ledger = Ledger(
             self.client,
             Keys(settings.key_prefix),
@@ -121,7 +160,7 @@ class Producer:
         """Validate one report into the ledger's enqueue row; ReportError if invalid."""
         return validate(self.settings, task_id, captcha_type, account, dead_id)
 
-    def _row_maker(self) -> Any:
+    def row_maker(self) -> Callable[[object, object, object], list[Any]]:
         """``row`` for a bulk call: type and account resolved once per distinct pair, one
         clock reading for the whole call."""
         now = time.time()
@@ -146,7 +185,7 @@ class Producer:
 
     def enqueue(self, task_id: object, captcha_type: object, account: object = "default") -> Result:
         row = self.row(task_id, captcha_type, account)
-        flags = self._run([row])
+        flags = self.enqueue_rows([row])
         return self._note(row, flags[0])
 
     def enqueue_many(
@@ -158,13 +197,14 @@ class Producer:
         refused (listed in the result with their index, and logged); valid ones are queued."""
         result = BulkResult()
         rows: list[list[Any]] = []
-        rows_for = self._row_maker()
+        rows_for = self.row_maker()
         for index, item in enumerate(items):
             try:
                 rows.append(rows_for(*_fields(item)))
             except ReportError as exc:
-                result.refused.append(Refused(index, str(exc)))
-                log.warning("report.refused", index=index, error=str(exc))
+                error = short_error(exc)
+                result.refused.append(Refused(index, error))
+                log.warning("report.refused", index=index, error=error)
                 continue
             if len(rows) >= chunk:
                 self._flush(rows, result, per_message)
@@ -174,7 +214,7 @@ class Producer:
         return result
 
     def _flush(self, rows: list[list[Any]], result: BulkResult, per_message: int) -> None:
-        flags = self._run(rows, per_message)
+        flags = self.enqueue_rows(rows, per_message)
         queued = sum(flags)
         result.queued += queued
         result.duplicates += len(flags) - queued
@@ -182,11 +222,18 @@ class Producer:
             for row, flag in zip(rows, flags, strict=True):
                 self._note(row, flag)
 
-    def _run(self, rows: list[list[Any]], per_message: int = 1) -> list[int]:
+    def enqueue_rows(self, rows: list[list[Any]], per_message: int = 1) -> list[int]:
+        """Queue validated rows (:meth:`row`) in one round trip; one flag each (1 queued,
+        0 duplicate). A Redis failure is a StoreError (or ConfigError) naming the Redis."""
         try:
             return self.ledger.enqueue(rows, per_message=per_message)
         except redis.RedisError as exc:
-            raise StoreError(f"could not enqueue: Redis is unreachable ({exc})") from exc
+            raise store.translate(exc, self.redis, "could not enqueue") from exc
+        except ForwarderError as exc:  # translated below us, without the address
+            cause = exc.__cause__
+            if not isinstance(cause, redis.RedisError) or self.redis in str(exc):
+                raise
+            raise store.translate(cause, self.redis, "could not enqueue") from cause
 
     @staticmethod
     def _note(row: list[Any], flag: int) -> Result:

@@ -1,19 +1,74 @@
-"""Redis connections: the URL (given, or the embedded server), and clients that ride out
-a Redis restart (connection errors and ``LOADING`` are retried with backoff)."""
+"""Redis connections: the URL (given, or the embedded server), clients, and the one place
+where a redis-py failure becomes the project's error.
+
+Two kinds of patience: a worker's client rides out a Redis restart that replays its AOF
+(connection errors and ``LOADING`` retried for about 30 s); a producer's or the command
+line's client (``retry_s``) retries for at most that long, so a caller hears within seconds
+that Redis is unreachable instead of hanging.
+"""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from . import embedded
-from .config import Settings
-from .errors import StoreError, StoreFullError, StoreUnreachableError
+from .config import Settings, mask_url
+from .errors import ConfigError, ForwarderError, StoreError, StoreFullError, StoreUnreachableError
 
-# Retried for about 30 s in all: long enough for a Redis restart that replays its AOF.
+T = TypeVar("T")
+
+# Workers: retried for about 30 s in all, long enough for a Redis restart that replays its AOF.
 _RETRIES = 12
 _RETRY_ON = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+# Producers and the command line (``retry_s``): one connect attempt gives up after this
+# long, one reply after SHORT_READ_TIMEOUT_S; no new attempt starts once ``retry_s`` has
+# passed, so the caller hears within retry_s + a few seconds.
+SHORT_CONNECT_TIMEOUT_S = 3.0
+SHORT_READ_TIMEOUT_S = 5.0
+
+
+class BoundedRetry(Retry):
+    """Retries connection loss and ``LOADING`` until ``budget_s`` has passed since the call
+    began (a time, not a count, so slow attempts cannot add up); never retries a refused
+    password, which no retry can fix."""
+
+    def __init__(self, budget_s: float) -> None:
+        super().__init__(ExponentialBackoff(cap=1.0, base=0.05), -1, supported_errors=_RETRY_ON)
+        self.budget_s = budget_s
+
+    def call_with_retry(
+        self,
+        do: Callable[[], T],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> T:
+        self._backoff.reset()  # type: ignore[no-untyped-call]
+        started = time.monotonic()
+        failures = 0
+        while True:
+            try:
+                return do()
+            except self._supported_errors as error:
+                if isinstance(error, redis.AuthenticationError):
+                    raise
+                if is_retryable is not None and not is_retryable(error):
+                    raise
+                failures += 1
+                if with_failure_count:
+                    fail(error, failures)
+                else:
+                    fail(error)
+                delay = self._backoff.compute(failures)
+                if time.monotonic() - started + delay > self.budget_s:
+                    raise
+                time.sleep(delay)
 
 
 def resolve_url(settings: Settings) -> str:
@@ -30,45 +85,75 @@ def broker_url(url: str) -> str:
     return url
 
 
-def connect(url: str, *, retries: int = _RETRIES) -> redis.Redis:
-    """A client whose commands retry through connection loss and AOF loading."""
-    retry = Retry(ExponentialBackoff(cap=4.0, base=0.05), retries, supported_errors=_RETRY_ON)
+def connect(url: str, *, retries: int = _RETRIES, retry_s: float | None = None) -> redis.Redis:
+    """A client whose commands retry through connection loss and AOF loading: ``retries``
+    times with backoff up to 4 s (a worker's patience, ~30 s), or, given ``retry_s``, for
+    at most ``retry_s`` seconds with short socket timeouts (producers, the command line).
+    A URL redis-py cannot use is a :class:`ConfigError`."""
+    retry: Retry
+    if retry_s is None:
+        retry = Retry(ExponentialBackoff(cap=4.0, base=0.05), retries, supported_errors=_RETRY_ON)
+        connect_timeout, read_timeout = 5.0, 10.0
+    else:
+        retry = BoundedRetry(retry_s)
+        connect_timeout, read_timeout = SHORT_CONNECT_TIMEOUT_S, SHORT_READ_TIMEOUT_S
     try:
         return redis.Redis.from_url(
             url,
             retry=retry,
             retry_on_error=list(_RETRY_ON),
-            socket_timeout=10,
-            socket_connect_timeout=5,
+            socket_timeout=read_timeout,
+            socket_connect_timeout=connect_timeout,
             health_check_interval=30,
             decode_responses=False,
         )
-    except ValueError as exc:
-        raise StoreError(f"REDIS_URL is not a usable Redis URL: {exc}") from exc
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"redis.url = {describe(url)!r}: not a usable Redis URL ({exc})") from exc
 
 
 def describe(url: str) -> str:
-    """The URL with any password masked, for messages and check-config."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    credentials, _, host = rest.rpartition("@")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user + ':' if user else ''}****@{host}"
+    """The URL with any password (in the address or as ``?password=``) masked, for
+    messages and check-config."""
+    return mask_url(url)
 
 
-def translate(exc: BaseException, url: str | None = None, doing: str = "") -> StoreError:
-    """The project's error for a redis-py failure: full (OOM), unreachable, or other.
+def describe_client(client: redis.Redis) -> str:
+    """Which Redis a client talks to, as a URL without any password."""
+    pool = client.connection_pool
+    kwargs = pool.connection_kwargs
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']}"
+    scheme = "rediss" if issubclass(pool.connection_class, redis.SSLConnection) else "redis"
+    host, port, db = kwargs.get("host", "localhost"), kwargs.get("port", 6379), kwargs.get("db", 0)
+    return f"{scheme}://{host}:{port}/{db}"
+
+
+def translate(exc: BaseException, url: str | None = None, doing: str = "") -> ForwarderError:
+    """The project's error for a redis-py failure, one line: :class:`StoreFullError` (out of
+    memory), :class:`StoreUnreachableError`, :class:`ConfigError` for what no retry can fix
+    (a database index the server does not have, refused credentials), else
+    :class:`StoreError`.
 
     ``doing`` says what was being attempted ("could not enqueue"); ``url`` names the Redis
     tried (password masked)."""
-    where = f" at {describe(url)}" if url else ""
+    shown = describe(url) if url else ""
+    where = f" at {shown}" if url else ""
     prefix = f"{doing}: " if doing else ""
-    text = str(exc)
-    if isinstance(exc, redis.ResponseError) and text.startswith("OOM"):
+    text = " ".join(str(exc).split())
+    if isinstance(exc, redis.exceptions.OutOfMemoryError) or text.startswith("OOM"):
         return StoreFullError(
             f"{prefix}Redis{where} is out of memory (maxmemory reached, noeviction): nothing "
             "was written; free memory or raise maxmemory, then retry"
+        )
+    if isinstance(exc, redis.ResponseError) and "DB index is out of range" in text:
+        return ConfigError(
+            f"{prefix}redis.url = {shown or 'REDIS_URL'!r}: the server has no such database "
+            f"({text}); use an index below its `databases` setting (16 by default)"
+        )
+    if isinstance(exc, redis.AuthenticationError | redis.exceptions.NoPermissionError):
+        return ConfigError(
+            f"{prefix}redis.url = {shown or 'REDIS_URL'!r}: Redis refused the credentials "
+            f"({text}); check the user and password in the URL"
         )
     if isinstance(exc, redis.ConnectionError | redis.TimeoutError | OSError):
         return StoreUnreachableError(f"{prefix}Redis{where} is unreachable ({text})")
