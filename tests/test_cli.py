@@ -76,7 +76,13 @@ def test_thousand_json_lines_from_stdin_arrive_in_full(
     lines = "\n".join(json.dumps({"taskId": n, "captchaType": "token"}) for n in range(1, 1001))
     result = invoke("enqueue", "--file", "-", "--json", input=lines + "\n")
     assert 0 == result.exit_code, result.output
-    assert {"queued": 1000, "duplicates": 0, "refused": []} == json.loads(result.stdout)
+    assert {
+        "queued": 1000,
+        "duplicates": 0,
+        "refused": [],
+        "refused_total": 0,
+        "refused_by_reason": {},
+    } == json.loads(result.stdout)
     with running_worker(settings, env):
         wait_until(lambda: sandbox.count() >= 1000, timeout=60)
     assert set(range(1, 1001)) == {r.task_id for r in sandbox.requests()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
+import pytest
 import redis
 from click.testing import CliRunner
 
@@ -138,3 +139,74 @@ def test_dead_letter_stream_is_capped(
         wait_until(lambda: int(redis_client.get(Keys().npending) or 0) == 0)
     remaining = redis_client.xlen(Keys().dead)
     assert 1 <= remaining <= 200
+
+
+def test_list_with_no_match_exits_1_as_documented(
+    service: Service, sandbox: Sandbox, redis_client: redis.Redis, env: dict[str, str]
+) -> None:
+    """`dead-letters list` that matches nothing exits 1 ("nothing matched"), with --json
+    too, where the document is still printed with an empty list; a match exits 0."""
+    code, out, err = _cli(env, "dead-letters", "list")
+    assert (1, "", "no dead letters match") == (code, out, err.strip())
+    code, out, _ = _cli(env, "dead-letters", "list", "--json")
+    assert (1, {"total": 0, "dead_letters": []}) == (code, json.loads(out))
+    _fill(service, sandbox, redis_client)
+    code, out, _ = _cli(env, "dead-letters", "list", "--json", "--reason", "expired")
+    assert (1, []) == (code, json.loads(out)["dead_letters"])
+    code, out, _ = _cli(env, "dead-letters", "list", "--reason", "rejected")
+    assert 0 == code
+    assert 5 == len(out.splitlines())  # the header and four rows
+
+
+def test_since_beyond_the_epoch_lists_every_dead_letter(
+    service: Service, sandbox: Sandbox, redis_client: redis.Redis, env: dict[str, str]
+) -> None:
+    """`--since 99999999999d` (or an age too long for a float) means every dead letter."""
+    code, _, err = _cli(env, "dead-letters", "list", "--since", "99999999999d")
+    assert (1, "no dead letters match") == (code, err.strip())
+    _fill(service, sandbox, redis_client)
+    for age in ("99999999999d", "9" * 400 + "w"):
+        code, out, err = _cli(env, "dead-letters", "list", "--json", "--since", age)
+        assert 0 == code, err
+        assert 4 == len(json.loads(out)["dead_letters"])
+        code, out, _ = _cli(env, "dead-letters", "export", "--since", age)
+        assert (0, 4) == (code, len(out.splitlines()))
+
+
+@pytest.mark.parametrize(
+    "entry_id", ["99999999999999999999999-0", "1-99999999999999999999999", "18446744073709551616-0"]
+)
+def test_show_an_id_beyond_the_streams_range_is_refused_in_one_line(
+    env: dict[str, str], redis_client: redis.Redis, entry_id: str
+) -> None:
+    """A dead-letter id whose parts do not fit a stream id (64 bits) is refused like any
+    malformed id: one line, exit 1."""
+    del redis_client  # flushed
+    for args in (["show", entry_id], ["replay", entry_id], ["purge", entry_id]):
+        code, _, err = _cli(env, "dead-letters", *args)
+        assert 1 == code
+        assert [f"error: invalid dead-letter id '{entry_id}': expected e.g. 1764460800000-0"] == (
+            err.splitlines()
+        )
+
+
+@pytest.mark.parametrize(
+    "extra", [["--reason", "expired"], ["--type", "token"], ["--all"], ["--since", "1h"]]
+)
+def test_ids_together_with_filters_or_all_are_a_usage_error(
+    service: Service,
+    sandbox: Sandbox,
+    redis_client: redis.Redis,
+    env: dict[str, str],
+    extra: list[str],
+) -> None:
+    """`purge ID --reason R` (or replay, or with --all) is refused with exit 2 and touches
+    nothing, rather than silently ignoring the filter."""
+    _fill(service, sandbox, redis_client)
+    _, out, _ = _cli(env, "dead-letters", "export")
+    first = json.loads(out.splitlines()[0])["id"]
+    for command in ("purge", "replay"):
+        code, _, err = _cli(env, "dead-letters", command, first, *extra)
+        assert 2 == code
+        assert "not IDs together with filters or --all" in err
+    assert 4 == redis_client.xlen(Keys().dead)

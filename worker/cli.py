@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import logging
 import os
@@ -17,27 +18,42 @@ import socket
 import sys
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import IO, Any, NoReturn
 
 import click
+import redis
 
 from . import __version__, embedded, store
-from .config import Settings, client_key, load_settings
+from .config import MAX_CONCURRENCY, Settings, client_key, load_settings
 from .deadletter import REASONS, DeadLetters, Filters, check_reason, parse_age, replay
-from .errors import ConfigError, ForwarderError, ReportError, StoreError
+from .errors import ConfigError, ForwarderError, ReportError, StoreError, StoreUnreachableError
 from .keys import Keys
 from .logs import configure as configure_logging
 from .logs import get_logger
-from .producer import BULK_PER_MESSAGE, Producer
+from .producer import (
+    BULK_PER_MESSAGE,
+    Producer,
+    fields,
+    parse_task_id,
+    refusal_reason,
+    short_error,
+)
 
 EXIT_REFUSED, EXIT_CONFIG, EXIT_REDIS = 1, 2, 3
 
 
 class _State:
+    """What a command needs, built on first use: settings, then Redis (a client that
+    gives up after ``redis.connect_retry_s``, so an unreachable Redis is one line and exit
+    3 within seconds), then the producer."""
+
     def __init__(self, config_path: str | None) -> None:
         self.config_path = config_path
         self._settings: Settings | None = None
+        self._redis_url: str | None = None
+        self._client: redis.Redis | None = None
         self._producer: Producer | None = None
 
     @property
@@ -47,40 +63,70 @@ class _State:
         return self._settings
 
     @property
+    def redis_url(self) -> str:
+        if self._redis_url is None:
+            self._redis_url = store.resolve_url(self.settings)
+        return self._redis_url
+
+    @property
+    def tried_url(self) -> str | None:
+        """The Redis URL, if a command has resolved it (for error messages)."""
+        return self._redis_url
+
+    @property
+    def client(self) -> redis.Redis:
+        if self._client is None:
+            self._client = store.connect(self.redis_url, retry_s=self.settings.connect_retry_s)
+        return self._client
+
+    @property
     def producer(self) -> Producer:
         if self._producer is None:
-            self._producer = Producer(self.settings)
+            self._producer = Producer(self.settings, self.client)
+            self._producer.redis = store.describe(self.redis_url)
         return self._producer
 
     def close(self) -> None:
-        if self._producer is not None:
-            self._producer.client.close()
-            self._producer = None
+        if self._client is not None:
+            self._client.close()
+            self._client = self._producer = None
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
+    click.echo("error: " + " ".join(message.split()), err=True)
     sys.exit(code)
 
 
+def _exit_code(exc: ForwarderError) -> int:
+    if isinstance(exc, ConfigError):
+        return EXIT_CONFIG
+    if isinstance(exc, StoreError):
+        return EXIT_REDIS
+    return EXIT_REFUSED  # a refused report, an unknown id, nothing matched
+
+
 class _Group(click.Group):
-    """Turns our errors into one line and an exit status, never a traceback."""
+    """The one place errors become one line on stderr and an exit status: ConfigError 2,
+    StoreError (Redis unreachable, full or failing) 3, ReportError and the rest 1. A
+    redis-py exception is translated here (store.translate), naming the Redis tried."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except ConfigError as exc:
-            _fail(str(exc), EXIT_CONFIG)
-        except StoreError as exc:
-            _fail(str(exc), EXIT_REDIS)
-        except ReportError as exc:
-            _fail(str(exc), EXIT_REFUSED)
-        except ForwarderError as exc:
-            _fail(str(exc), EXIT_REFUSED)
-        except OSError as exc:
-            if type(exc).__module__.startswith("redis"):
-                _fail(f"Redis is unreachable: {exc}", EXIT_REDIS)
-            raise
+        except (redis.RedisError, ForwarderError) as exc:
+            state = ctx.find_object(_State)
+            error = _translated(exc, state.tried_url if state is not None else None)
+            _fail(str(error), _exit_code(error))
+
+
+def _translated(exc: redis.RedisError | ForwarderError, url: str | None) -> ForwarderError:
+    """Our error for ``exc``; a Redis failure names the Redis tried (password masked)."""
+    if isinstance(exc, redis.RedisError):
+        return store.translate(exc, url)
+    cause = exc.__cause__
+    if url and isinstance(cause, redis.RedisError) and store.describe(url) not in str(exc):
+        return store.translate(cause, url)  # translated below us, without the address
+    return exc
 
 
 @click.group(cls=_Group, context_settings={"auto_envvar_prefix": "REPORT_FORWARDER"})
@@ -113,7 +159,9 @@ def _logging(settings: Settings, level: str | None = None, *, cache: bool = Fals
 
 
 @main.command()
-@click.option("--concurrency", "-c", type=click.IntRange(1, 1024), help="Threads (default 16).")
+@click.option(
+    "--concurrency", "-c", type=click.IntRange(1, MAX_CONCURRENCY), help="Threads (default 16)."
+)
 @click.option("--hostname", "-n", help="Celery node name (default report-forwarder-PID@host).")
 @click.option(
     "--metrics-port",
@@ -187,13 +235,13 @@ def worker(
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("task_id", required=False)
 @click.argument("captcha_type", required=False)
-@click.option("--file", "-f", "file", type=click.File("r"), help="JSON lines or CSV; - = stdin.")
+@click.option("--file", "-f", "file", type=click.File("rb"), help="JSON lines or CSV; - = stdin.")
 @click.option("--account", "-a", default="default", show_default=True, help="Account name.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def enqueue(
     task_id: str | None,
     captcha_type: str | None,
-    file: IO[str] | None,
+    file: IO[bytes] | None,
     account: str,
     as_json: bool,
 ) -> None:
@@ -207,143 +255,237 @@ def enqueue(
     if task_id is None or captcha_type is None:
         raise click.UsageError("give TASK_ID and CAPTCHA_TYPE, or --file F (- for stdin)")
     _logging(state.settings, "WARNING")
-    producer = state.producer
-    result = producer.enqueue(task_id, captcha_type, account)
+    number = parse_task_id(task_id)
+    result = state.producer.enqueue(number, captcha_type, account)
     if as_json:
-        click.echo(json.dumps({"result": result, "task_id": int(task_id), "account": account}))
+        click.echo(json.dumps({"result": result, "task_id": number, "account": account}))
     else:
-        click.echo(f"{result}: task {task_id} ({captcha_type}) for account {account}")
+        click.echo(f"{result}: task {number} ({captcha_type}) for account {account}")
 
 
-def _read_items(
-    file: IO[str], account: str
-) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
-    """(line number, item or None, error or None) for each data line of JSON lines or CSV."""
-    first = ""
-    lines = iter(file)
+# Reading a file of reports: bytes, decoded line by line, so one bad line is one refusal;
+# a line longer than MAX_LINE_BYTES is refused without being held, and only the first
+# SHOWN_REFUSALS refusals are kept in full (the rest are counted by reason): memory stays
+# flat whatever the file holds.
+MAX_LINE_BYTES = 64 * 1024
+SHOWN_REFUSALS = 100
+_BOM = b"\xef\xbb\xbf"
+_CSV_ALIASES = {
+    "taskid": "taskId",
+    "task_id": "taskId",
+    "captchatype": "captchaType",
+    "captcha_type": "captchaType",
+    "account": "account",
+}
+
+# (line number, item or None, error or None, reason label or None)
+_Line = tuple[int, dict[str, Any] | None, str | None, str | None]
+# (line number, text or None, why there is no text)
+_Text = tuple[int, str | None, str | None]
+
+
+def _text_lines(file: IO[bytes]) -> Iterator[_Text]:
+    """(line number, text or None, why not) for each line: a UTF-8 BOM at the very start is
+    skipped; a line that is not UTF-8, or longer than MAX_LINE_BYTES, has no text."""
     number = 0
-    for line in lines:
+    while True:
+        raw = file.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
         number += 1
-        if line.strip():
-            first = line
+        if number == 1 and raw.startswith(_BOM):
+            raw = raw[len(_BOM) :]
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            while True:  # skip the rest of the line, a bounded chunk at a time
+                rest = file.readline(MAX_LINE_BYTES)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            yield number, None, f"longer than {MAX_LINE_BYTES} bytes"
+            continue
+        try:
+            yield number, raw.decode("utf-8"), None
+        except UnicodeDecodeError as exc:
+            yield (
+                number,
+                None,
+                f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})",
+            )
+
+
+def _read_items(file: IO[bytes], account: str) -> Iterator[_Line]:
+    """Each data line of JSON lines or CSV (with a header) as an item, or why it is not
+    one. The first non-blank line decides the format."""
+    lines = _text_lines(file)
+    first = ""
+    for number, text, why in lines:
+        if text is None:
+            yield _undecodable(number, why)
+            continue
+        if text.strip():
+            first = text
             break
     if not first:
         return
     if first.lstrip().startswith("{"):
-        for lineno, line in _chain_lines(number, first, lines):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield lineno, None, f"not JSON ({exc.msg})"
-                continue
-            if not isinstance(item, dict):
-                yield lineno, None, 'expected an object like {"taskId": 1, "captchaType": "image"}'
-                continue
-            item.setdefault("account", account)
-            yield lineno, item, None
-        return
-    header = [h.strip() for h in next(csv.reader([first]))]
-    aliases = {
-        "taskid": "taskId",
-        "task_id": "taskId",
-        "captchatype": "captchaType",
-        "captcha_type": "captchaType",
-        "account": "account",
-    }
-    columns = [aliases.get(h.lower(), h) for h in header]
-    if "taskId" not in columns or "captchaType" not in columns:
-        yield (
-            number,
-            None,
-            (
-                f"CSV header {header!r} lacks taskId and captchaType columns "
-                "(expected e.g. 'taskId,captchaType[,account]'; or give JSON lines)"
-            ),
-        )
-        return
-    for lineno, line in _chain_lines(number + 1, None, lines):
+        yield from _json_items(number, first, lines, account)
+    else:
+        yield from _csv_items(number, first, lines, account)
+
+
+def _undecodable(number: int, why: str | None) -> _Line:
+    label = "not UTF-8 text" if why and why.startswith("not UTF-8") else "line too long"
+    return number, None, why, label
+
+
+def _json_int(digits: str) -> int | str:
+    """JSON integers beyond any taskId stay text (int() refuses 4,300+ digits)."""
+    return int(digits) if len(digits) <= 30 else digits
+
+
+def _json_items(number: int, first: str, lines: Iterator[_Text], account: str) -> Iterator[_Line]:
+    for lineno, line, why in itertools.chain([(number, first, None)], lines):
+        if line is None:
+            yield _undecodable(lineno, why)
+            continue
         if not line.strip():
             continue
-        values = next(csv.reader([line]))
+        try:
+            item = json.loads(line, parse_int=_json_int)
+        except ValueError as exc:
+            detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+            yield lineno, None, f"not JSON ({detail})", "not JSON"
+            continue
+        except RecursionError:
+            yield lineno, None, "not JSON (nested too deeply)", "not JSON"
+            continue
+        if not isinstance(item, dict):
+            error = 'expected an object like {"taskId": 1, "captchaType": "image"}'
+            yield lineno, None, error, "not a JSON object"
+            continue
+        if item.get("account") is None:  # absent or null: the default, as in Python and HTTP
+            item["account"] = account
+        yield lineno, item, None, None
+
+
+def _csv_items(number: int, first: str, lines: Iterator[_Text], account: str) -> Iterator[_Line]:
+    try:
+        header = [h.strip() for h in next(csv.reader([first]))]
+    except (csv.Error, StopIteration):
+        header = []
+    columns = [_CSV_ALIASES.get(h.lower(), h) for h in header]
+    if "taskId" not in columns or "captchaType" not in columns:
+        shown = short_error(ValueError(repr(header)))
+        error = (
+            f"CSV header {shown} lacks taskId and captchaType columns "
+            "(expected e.g. 'taskId,captchaType[,account]'; or give JSON lines)"
+        )
+        yield number, None, error, "no CSV header"
+        return
+    for lineno, line, why in lines:
+        if line is None:
+            yield _undecodable(lineno, why)
+            continue
+        if not line.strip():
+            continue
+        try:
+            values = next(csv.reader([line]))
+        except (csv.Error, StopIteration) as exc:
+            yield lineno, None, f"not CSV ({exc})", "not CSV"
+            continue
         if len(values) != len(columns):
-            yield lineno, None, f"expected {len(columns)} columns ({','.join(header)})"
+            error = f"expected {len(columns)} columns ({','.join(header)})"
+            yield lineno, None, short_error(ValueError(error)), "wrong number of columns"
             continue
         item = dict(zip(columns, (v.strip() for v in values), strict=True))
         item["account"] = item.get("account") or account
-        yield lineno, item, None
+        yield lineno, item, None, None
 
 
-def _chain_lines(start: int, first: str | None, rest: Iterator[str]) -> Iterator[tuple[int, str]]:
-    number = start
-    if first is not None:
-        yield number, first
-        number += 1
-    for line in rest:
-        yield number, line
-        number += 1
+class _Refusals:
+    """Refused lines: the first SHOWN_REFUSALS in full, every one counted by reason."""
+
+    def __init__(self) -> None:
+        self.shown: list[tuple[int, str]] = []
+        self.by_reason: Counter[str] = Counter()
+        self.total = 0
+
+    def add(self, lineno: int, error: str, reason: str) -> bool:
+        """Count one refusal; True if it is among those shown in full."""
+        self.total += 1
+        self.by_reason[reason] += 1
+        if len(self.shown) < SHOWN_REFUSALS:
+            self.shown.append((lineno, error))
+            return True
+        return False
 
 
-def _enqueue_file(state: _State, file: IO[str], account: str, as_json: bool) -> None:
-    _logging(state.settings, "ERROR")
+def _enqueue_file(state: _State, file: IO[bytes], account: str, as_json: bool) -> None:
+    settings = state.settings
+    _logging(settings, "ERROR")
     producer = state.producer
+    make_row = producer.row_maker()
     queued = duplicates = 0
-    refused: list[tuple[int, str]] = []
+    refusals = _Refusals()
     rows: list[list[Any]] = []
     progress = _Progress(file)
 
     def flush() -> None:
         nonlocal queued, duplicates
-        flags = producer.ledger.enqueue(rows, per_message=BULK_PER_MESSAGE)
+        flags = producer.enqueue_rows(rows, per_message=BULK_PER_MESSAGE)
         queued += sum(flags)
         duplicates += len(flags) - sum(flags)
         rows.clear()
-        progress.update(queued, duplicates, len(refused))
+        progress.update(queued, duplicates, refusals.total)
 
-    for lineno, item, parse_error in _read_items(file, account):
-        error = parse_error
+    for lineno, item, parse_error, parse_reason in _read_items(file, account):
+        error, reason = parse_error, parse_reason
         if item is not None:
             try:
-                rows.append(
-                    producer.row(item.get("taskId"), item.get("captchaType"), item.get("account"))
-                )
+                rows.append(make_row(*fields(item)))
             except ReportError as exc:
-                error = str(exc)
+                error, reason = short_error(exc), refusal_reason(settings, item)
         if error is not None:
-            refused.append((lineno, error))
-            if not as_json:
+            if refusals.add(lineno, error, reason or "refused") and not as_json:
                 progress.clear()
                 click.echo(f"line {lineno}: {error}", err=True)
+            elif refusals.total == SHOWN_REFUSALS + 1 and not as_json:
+                progress.clear()
+                click.echo(
+                    f"(more than {SHOWN_REFUSALS} lines refused: the rest are counted by "
+                    "reason below)",
+                    err=True,
+                )
         if len(rows) >= 1000:
             flush()
     if rows:
         flush()
     progress.done()
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "queued": queued,
-                    "duplicates": duplicates,
-                    "refused": [{"line": n, "error": e} for n, e in refused],
-                }
-            )
-        )
+        doc = {
+            "queued": queued,
+            "duplicates": duplicates,
+            "refused": [{"line": n, "error": e} for n, e in refusals.shown],
+            "refused_total": refusals.total,
+            "refused_by_reason": dict(refusals.by_reason.most_common()),
+        }
+        click.echo(json.dumps(doc))
     else:
-        click.echo(f"queued {queued}, duplicates {duplicates}, refused {len(refused)}", err=True)
-    if refused:
+        if refusals.total:
+            reasons = ", ".join(f"{r} {n}" for r, n in refusals.by_reason.most_common())
+            click.echo(f"refused by reason: {reasons}", err=True)
+        click.echo(f"queued {queued}, duplicates {duplicates}, refused {refusals.total}", err=True)
+    if refusals.total:
         sys.exit(EXIT_REFUSED)
 
 
 class _Progress:
     """A one-line counter on stderr when it is a terminal; silent otherwise."""
 
-    def __init__(self, file: IO[str]) -> None:
+    def __init__(self, file: IO[bytes]) -> None:
         self.enabled = sys.stderr.isatty()
         self.started = time.monotonic()
         self.total = None
-        if self.enabled and file is not sys.stdin:
+        if self.enabled and file not in (sys.stdin, getattr(sys.stdin, "buffer", None)):
             try:
                 self.total = os.fstat(file.fileno()).st_size
             except (OSError, io.UnsupportedOperation):
@@ -399,7 +541,26 @@ def _make_filters(
 
 def _dead() -> DeadLetters:
     state = _state()
-    return DeadLetters(state.producer.client, Keys(state.settings.key_prefix))
+    return DeadLetters(state.client, Keys(state.settings.key_prefix))
+
+
+def _selection(
+    ids: tuple[str, ...],
+    everything: bool,
+    reason: str | None,
+    ctype: str | None,
+    account: str | None,
+    since: str | None,
+) -> Filters:
+    """The filters of a replay or purge; IDs together with filters or --all is a usage
+    error (which would win is not obvious, and purge cannot be undone)."""
+    filters = _make_filters(reason, ctype, account, since)
+    if ids and (everything or not filters.empty):
+        raise click.UsageError(
+            "give dead-letter IDs, or filters (--reason, --type, --account, --since), or "
+            "--all: not IDs together with filters or --all"
+        )
+    return filters
 
 
 @main.group("dead-letters")
@@ -419,15 +580,18 @@ def dl_list(
     limit: int,
     as_json: bool,
 ) -> None:
-    """Newest first."""
+    """Newest first. Exit 1 when nothing matches (with --json too: an empty list)."""
+    filters = _make_filters(reason, ctype, account, since)
     store_ = _dead()
-    letters = store_.latest(_make_filters(reason, ctype, account, since), limit)
+    letters = store_.latest(filters, limit)
     if as_json:
         payload = {"total": store_.count(), "dead_letters": [d.to_json() for d in letters]}
         click.echo(json.dumps(payload, indent=2))
-        return
-    if not letters:
+    elif not letters:
         click.echo("no dead letters match", err=True)
+    if not letters:
+        sys.exit(EXIT_REFUSED)
+    if as_json:
         return
     click.echo(
         f"{'ID':<16} {'FAILED (UTC)':<19} {'ACCOUNT':<10} {'TASK ID':>12} {'TYPE':<22} "
@@ -469,7 +633,8 @@ def dl_replay(
     as_json: bool,
 ) -> None:
     """Queue dead letters again (fresh deadline, normal path), removing them as they go."""
-    letters = _dead().select(ids, _make_filters(reason, ctype, account, since), everything)
+    filters = _selection(ids, everything, reason, ctype, account, since)
+    letters = _dead().select(ids, filters, everything)
     result = replay(_state().producer, letters)
     refused = result.refused
     if as_json:
@@ -505,8 +670,9 @@ def dl_purge(
     everything: bool,
 ) -> None:
     """Delete dead letters for good."""
+    filters = _selection(ids, everything, reason, ctype, account, since)
     store_ = _dead()
-    letters = store_.select(ids, _make_filters(reason, ctype, account, since), everything)
+    letters = store_.select(ids, filters, everything)
     click.echo(f"purged {store_.purge(_state().producer.ledger, letters)}")
 
 
@@ -535,7 +701,7 @@ def accounts_list(as_json: bool) -> None:
     from .stats import snapshot
 
     state = _state()
-    snap = snapshot(state.producer.client, state.settings)
+    snap = snapshot(state.client, state.settings)
     paused = {p["account"]: p for p in snap["paused_accounts"]}
     rows = []
     for name, account in sorted(state.settings.accounts.items()):
@@ -571,7 +737,7 @@ def accounts_resume(name: str) -> None:
     state = _state()
     state.settings.account(name)
     _logging(state.settings)
-    ledger = Ledger(state.producer.client, Keys(state.settings.key_prefix), state.settings.queue)
+    ledger = Ledger(state.client, Keys(state.settings.key_prefix), state.settings.queue)
     if ledger.resume(name):
         get_logger("worker.cli").info("account.resumed", account=name, by="operator")
         click.echo(f"resumed {name}")
@@ -590,18 +756,39 @@ def stats(as_json: bool, watch: bool) -> None:
     from .stats import snapshot
 
     state = _state()
-    client = state.producer.client
-    if as_json:
-        click.echo(json.dumps(snapshot(client, state.settings), indent=2))
+    if as_json or not watch:
+        snap = snapshot(state.client, state.settings)
+        click.echo(json.dumps(snap, indent=2) if as_json else _render_stats(snap))
         return
-    while True:
-        text = _render_stats(snapshot(client, state.settings))
-        if watch:
+    # --watch: one attempt per redraw, and an unreachable Redis is shown, not fatal
+    client = store.connect(state.redis_url, retry_s=0)
+    try:
+        while True:
             click.clear()
-        click.echo(text)
-        if not watch:
-            return
-        time.sleep(1)
+            click.echo(_watch_frame(client, state))
+            time.sleep(1)
+    finally:
+        client.close()
+
+
+def _watch_frame(client: redis.Redis, state: _State) -> str:
+    """One redraw of ``stats --watch``: the numbers, or why Redis gave none this time."""
+    from .stats import snapshot
+
+    try:
+        return _render_stats(snapshot(client, state.settings))
+    except redis.RedisError as exc:
+        error, cause = store.translate(exc, state.redis_url), str(exc)
+    except StoreError as exc:
+        error, cause = exc, str(exc)
+    if not isinstance(error, StoreError):
+        raise error  # a configuration error: no redraw can fix it
+    now = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    if isinstance(error, StoreUnreachableError):
+        where = store.describe(state.redis_url)
+        cause = " ".join(cause.split())
+        return f"report-forwarder stats  {now}\nRedis unreachable ({where}: {cause}); retrying"
+    return f"report-forwarder stats  {now}\n{' '.join(str(error).split())}; retrying"
 
 
 _BARS = "▁▂▃▄▅▆▇█"
@@ -660,6 +847,7 @@ def check_config(as_json: bool) -> None:
         "sources": list(settings.sources),
         "redis": (settings.redis_url and store.describe(settings.redis_url))
         or f"embedded ({embedded.url_for(settings.home)})",
+        "redis_connect_retry_s": settings.connect_retry_s,
         "home": str(settings.home),
         "queue": settings.queue,
         "key_prefix": settings.key_prefix,
@@ -748,22 +936,79 @@ def sandbox(host: str, port: int, latency_ms: float, profile: str) -> None:
     show_default=True,
     help="Requests per second allowed per client address.",
 )
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds a client has to send a request's headers (from connecting, or from the "
+    "request's first byte after a keep-alive pause).",
+)
+@click.option(
+    "--body-timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds a client has to send a request's body, once its headers are in.",
+)
+@click.option(
+    "--keep-alive-timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Seconds an idle keep-alive connection stays open.",
+)
+@click.option(
+    "--max-connections-per-client",
+    type=click.IntRange(0),
+    default=1000,
+    show_default=True,
+    help="Open connections allowed per client address (0: no cap; behind a proxy, every "
+    "connection comes from the proxy's address).",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(0),
+    default=10_000,
+    show_default=True,
+    help="Open connections allowed in all (0: as many as the open-file limit allows; a "
+    "higher cap is lowered to it).",
+)
 def serve(
-    host: str, port: int, token: str | None, insecure_no_token: bool, client_rate: float
+    host: str,
+    port: int,
+    token: str | None,
+    insecure_no_token: bool,
+    client_rate: float,
+    header_timeout: float,
+    body_timeout: float,
+    keep_alive_timeout: float,
+    max_connections_per_client: int,
+    max_connections: int,
 ) -> None:
     """Run the HTTP intake: a CapMonster-compatible report endpoint, bulk JSON, health,
     metrics and a live status page."""
-    from .intake import is_loopback
+    from .intake import clean_token, is_loopback
     from .intake import serve as run
+    from .intake_server import ConnectionLimits
 
     settings = _state().settings
-    if not is_loopback(host) and not token and not insecure_no_token:
+    if not is_loopback(host) and clean_token(token) is None and not insecure_no_token:
+        given = "is blank" if token else "is not set"
         raise click.UsageError(
-            f"--host {host} is not loopback: set REPORT_FORWARDER_INTAKE_TOKEN (or --token), or "
-            "pass --insecure-no-token if a proxy in front authenticates"
+            f"--host {host} is not loopback and the intake token {given}: set "
+            "REPORT_FORWARDER_INTAKE_TOKEN (or --token), or pass --insecure-no-token if a "
+            "proxy in front authenticates"
         )
+    limits = ConnectionLimits(
+        header_timeout_s=header_timeout,
+        body_timeout_s=body_timeout,
+        keep_alive_s=keep_alive_timeout,
+        max_per_client=max_connections_per_client,
+        max_connections=max_connections,
+    )
     _logging(settings, cache=True)
-    run(settings, host, port, token=token or None, client_rate=client_rate)
+    run(settings, host, port, token=clean_token(token), client_rate=client_rate, limits=limits)
 
 
 @main.group("redis")
