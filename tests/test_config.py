@@ -784,7 +784,7 @@ def _render_toml(doc: dict[str, object]) -> str:
 
 
 @given(doc=toml_docs)
-@hypothesis_settings(max_examples=300, deadline=None)
+@hypothesis_settings(max_examples=1000, deadline=None)
 def test_any_config_file_loads_or_is_a_config_error(doc: dict[str, object]) -> None:
     """Whatever a TOML config file holds (wrong types, huge or non-finite numbers, typos,
     sections that are not tables), loading it gives Settings or a ConfigError — never
