@@ -9,6 +9,7 @@ import contextlib
 import queue
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -283,3 +284,22 @@ def test_stats_watch_shows_unreachable_and_redraws_until_redis_is_back(
         finally:
             server.stop()
     assert "Traceback" not in err
+
+
+class _NotRedis(socketserver.BaseRequestHandler):
+    """Answers every connection the way a web server answers garbage, then hangs up."""
+
+    def handle(self) -> None:
+        self.request.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+
+def test_an_address_that_is_not_redis_says_so_in_one_line(env: dict[str, str]) -> None:
+    """REDIS_URL pointing at a web server: one line saying something answered but not as
+    Redis (check the host and port), exit 3."""
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), _NotRedis) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.server_address[1]
+        result = run_cli(env | {"REDIS_URL": f"redis://127.0.0.1:{port}/0"}, "accounts", "list")
+        server.shutdown()
+    assert 3 == result.returncode
+    assert "but not as a Redis server" in one_line(result.stderr)
