@@ -26,7 +26,7 @@ import click
 import redis
 
 from . import __version__, embedded, store
-from .config import MAX_CONCURRENCY, Settings, client_key, load_settings
+from .config import MAX_CONCURRENCY, Settings, abbreviate, client_key, load_settings
 from .deadletter import REASONS, DeadLetters, Filters, check_reason, parse_age, replay
 from .errors import ConfigError, ForwarderError, ReportError, StoreError, StoreUnreachableError
 from .keys import Keys
@@ -303,13 +303,15 @@ def _text_lines(file: IO[bytes]) -> Iterator[_Text]:
             yield number, None, f"longer than {MAX_LINE_BYTES} bytes"
             continue
         try:
-            yield number, raw.decode("utf-8"), None
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             yield (
                 number,
                 None,
-                f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})",
+                f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})",
             )
+            continue
+        yield number, text, None
 
 
 def _read_items(file: IO[bytes], account: str) -> Iterator[_Line]:
@@ -374,9 +376,8 @@ def _csv_items(number: int, first: str, lines: Iterator[_Text], account: str) ->
         header = []
     columns = [_CSV_ALIASES.get(h.lower(), h) for h in header]
     if "taskId" not in columns or "captchaType" not in columns:
-        shown = short_error(ValueError(repr(header)))
         error = (
-            f"CSV header {shown} lacks taskId and captchaType columns "
+            f"CSV header {abbreviate(header, 200)} lacks taskId and captchaType columns "
             "(expected e.g. 'taskId,captchaType[,account]'; or give JSON lines)"
         )
         yield number, None, error, "no CSV header"
@@ -393,8 +394,8 @@ def _csv_items(number: int, first: str, lines: Iterator[_Text], account: str) ->
             yield lineno, None, f"not CSV ({exc})", "not CSV"
             continue
         if len(values) != len(columns):
-            error = f"expected {len(columns)} columns ({','.join(header)})"
-            yield lineno, None, short_error(ValueError(error)), "wrong number of columns"
+            error = f"expected {len(columns)} columns ({','.join(header)[:200]})"
+            yield lineno, None, error, "wrong number of columns"
             continue
         item = dict(zip(columns, (v.strip() for v in values), strict=True))
         item["account"] = item.get("account") or account

@@ -180,7 +180,8 @@ class Settings:
         found = self.accounts.get(name) if isinstance(name, str) else None
         if found is None:
             raise ReportError(
-                f"unknown account {name!r}; configured accounts: {', '.join(sorted(self.accounts))}"
+                f"unknown account {abbreviate(name)}; configured accounts: "
+                f"{', '.join(sorted(self.accounts))}"
             )
         return found
 
