@@ -3,14 +3,20 @@ is produced here, and the key never appears in a line."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import redis
 import structlog
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
+from worker import logs
 from worker.config import Settings
 from worker.keys import Keys, ref
 from worker.logs import REDACTED, configure, redact, register_secret
@@ -153,3 +159,54 @@ def test_redaction_masks_a_registered_key_anywhere_in_a_line() -> None:
     register_secret("supersecret-key-9999")
     event = redact(None, "info", {"event": "x", "error": "bad key supersecret-key-9999 here"})
     assert f"bad key {REDACTED} here" == event["error"]
+
+
+# API-key-like strings: printable ASCII (quotes and backslashes included) but no "*", the
+# mask's own letter, and long enough not to occur in a line's fixed text by chance
+KEYS = st.text(
+    st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="*"),
+    min_size=12,
+    max_size=64,
+)
+
+
+def mangle(key: str, flips: list[bool]) -> str:
+    """``key`` with each letter's case set by ``flips`` (an echo that changed the case)."""
+    return "".join(
+        c.lower() if i < len(flips) and not flips[i] else c.upper() for i, c in enumerate(key)
+    )
+
+
+@pytest.mark.parametrize("echo", [str.upper, str.capitalize, str.swapcase, str.title])
+def test_redaction_masks_a_registered_key_in_any_letter_case(echo: Callable[[str], str]) -> None:
+    """A configured key that reaches a rendered log line upper-cased (or in any other
+    case) is masked there as well."""
+    stream = io.StringIO()
+    configure("json", "INFO", stream=stream, cache=False)
+    register_secret(CLIENT_KEY)
+    structlog.get_logger("worker.x").warning(
+        "report.dead_lettered", error=f"ERROR_KEY_DOES_NOT_EXIST: key {echo(CLIENT_KEY)} unknown"
+    )
+    (line,) = stream.getvalue().splitlines()
+    assert CLIENT_KEY.lower() not in line.lower()
+    assert f"ERROR_KEY_DOES_NOT_EXIST: key {REDACTED} unknown" == json.loads(line)["error"]
+
+
+@hsettings(deadline=None, max_examples=200)
+@given(key=KEYS, flips=st.lists(st.booleans(), max_size=64), before=st.text(" :=-", max_size=8))
+def test_redaction_masks_any_key_in_any_case_mix(key: str, flips: list[bool], before: str) -> None:
+    """Whatever the key and whatever the case of each of its letters in an echo, the
+    redaction processor leaves no form of the key in any value."""
+    echo = mangle(key, flips)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(logs, "_registry", logs._Secrets())  # this key only, for this example
+        register_secret(key)
+        event = redact(
+            None,
+            "info",
+            {"event": "x", "error": f"key{before}{echo}{before}end", "json": json.dumps(echo)},
+        )
+    for value in event.values():
+        assert key.lower() not in value.lower(), value
+        assert json.dumps(key)[1:-1].lower() not in value.lower(), value
+    assert f"key{before}{REDACTED}{before}end" == event["error"]

@@ -3,12 +3,14 @@
 JSON lines when stdout is not a terminal (production), key=value on a terminal; forced by
 ``REPORT_FORWARDER_LOG_FORMAT``. Event names are ``noun.past_verb`` with stable keys
 (docs/logging.md). A redaction processor masks any configured API key that reaches a line,
-as a second line of defence (keys are never logged on purpose).
+in any letter case, as a second line of defence (keys are never logged on purpose).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import sys
 import threading
 from collections.abc import MutableMapping
@@ -16,30 +18,55 @@ from typing import Any
 
 import structlog
 
-_secrets: set[str] = set()
-_lock = threading.Lock()
 REDACTED = "****"
 _FOREIGN_LEVEL = logging.WARNING
 
 
+class _Secrets:
+    """The registered secrets and one pattern that masks them all, rebuilt on each
+    registration and swapped in whole, so the processor reads it without the lock."""
+
+    def __init__(self) -> None:
+        self.values: frozenset[str] = frozenset()
+        self.masker: re.Pattern[str] | None = None
+        self._lock = threading.Lock()
+
+    def add(self, value: str) -> None:
+        with self._lock:
+            if value not in self.values:
+                self.values |= {value}
+                self.masker = _case_blind(self.values)
+
+
+_registry = _Secrets()
+
+
 def register_secret(value: str | None) -> None:
-    """Mask ``value`` wherever it would appear in a log line from now on."""
+    """Mask ``value`` wherever it would appear in a log line from now on, in any letter
+    case (``ABC-KEY`` and ``abc-Key`` are masked for ``abc-key``)."""
     if value and len(value) >= 4:
-        with _lock:
-            _secrets.add(value)
+        _registry.add(value)
+
+
+def _case_blind(secrets: frozenset[str]) -> re.Pattern[str]:
+    """One pattern matching each of ``secrets`` in any letter case, also inside JSON text.
+    The whole-string upper, lower and case-folded forms are listed too: for a few letters
+    (``ß`` -> ``SS``) they differ in length, which a case-insensitive match alone misses."""
+    forms = {f for s in secrets for f in (s, s.upper(), s.lower(), s.casefold())}
+    forms |= {json.dumps(f)[1:-1] for f in forms}  # as a JSON string holds it
+    ordered = sorted(forms, key=len, reverse=True)  # the longest wins where two overlap
+    return re.compile("|".join(map(re.escape, ordered)), re.IGNORECASE)
 
 
 def redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """structlog processor: replace registered secrets inside any string value."""
-    if not _secrets:
+    """structlog processor: replace registered secrets, in any letter case, inside any
+    string value."""
+    masker = _registry.masker
+    if masker is None:
         return event
     for key, value in event.items():
         if isinstance(value, str):
-            text = value
-            for secret in _secrets:
-                if secret in text:
-                    text = text.replace(secret, REDACTED)
-            event[key] = text
+            event[key] = masker.sub(REDACTED, value)
     return event
 
 
