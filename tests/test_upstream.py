@@ -15,6 +15,7 @@ import pytest
 import requests
 import responses
 
+from worker.sandbox import Rule, Sandbox
 from worker.upstream import MAX_RETRY_AFTER_S, Outcome, classify, parse_retry_after, send_report
 
 URL = "https://api.capmonster.test/reportIncorrectTokenCaptcha"
@@ -352,15 +353,31 @@ def test_send_report_uses_the_given_session(api: responses.RequestsMock) -> None
 def test_send_report_classifies_the_answer(
     api: responses.RequestsMock, http_status: int, content: bytes, status: str, error_code: str
 ) -> None:
-    """``send_report`` returns the classified answer, with its HTTP status and a duration."""
+    """``send_report`` returns the classified answer, with its HTTP status and a duration
+    measured within the call."""
     api.add(responses.POST, URL, body=content, status=http_status)
 
+    before = time.perf_counter()
     outcome = send_report(URL, CLIENT_KEY, TASK_ID)
+    elapsed = time.perf_counter() - before
 
     assert status == outcome.status
     assert error_code == outcome.error_code
     assert http_status == outcome.http_status
-    assert outcome.duration_s >= 0.0
+    assert 0.0 < outcome.duration_s <= elapsed
+
+
+def test_send_report_duration_spans_the_round_trip(sandbox: Sandbox) -> None:
+    """``duration_s`` covers the whole round trip: at least the time a real server (the
+    sandbox on loopback) held the answer back, at most the call's own time."""
+    sandbox.add_rule(Rule(latency_ms=80))
+
+    before = time.perf_counter()
+    outcome = send_report(sandbox.url + "/reportIncorrectImageCaptcha", CLIENT_KEY, TASK_ID)
+    elapsed = time.perf_counter() - before
+
+    assert "accepted" == outcome.status
+    assert 0.080 <= outcome.duration_s <= elapsed
 
 
 def test_send_report_passes_provider_error_codes(api: responses.RequestsMock) -> None:
