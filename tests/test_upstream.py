@@ -14,9 +14,19 @@ from collections.abc import Callable, Iterator
 import pytest
 import requests
 import responses
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from worker.sandbox import Rule, Sandbox
-from worker.upstream import MAX_RETRY_AFTER_S, Outcome, classify, parse_retry_after, send_report
+from worker.upstream import (
+    MASK,
+    MAX_RETRY_AFTER_S,
+    Outcome,
+    classify,
+    parse_retry_after,
+    send_report,
+)
 
 URL = "https://api.capmonster.test/reportIncorrectTokenCaptcha"
 CLIENT_KEY = "ck-5e1b7d0a9c3f4e2b8a6d-do-not-leak"
@@ -463,12 +473,22 @@ def _answer(status: int, body: bytes) -> Callback:
     return lambda request: (status, {}, body)
 
 
-def _echo(status: int, template: str) -> Callback:
+def _echo(status: int, template: str, case: Callable[[str], str] = str) -> Callback:
+    """A server that answers ``template`` with the request body and the key filled in,
+    both passed through ``case`` (a server may upper-case what it echoes)."""
+
     def callback(request: requests.PreparedRequest) -> Answer:
         raw = request.body.decode() if isinstance(request.body, bytes) else str(request.body)
-        return status, {}, template.replace("{body}", raw).replace("{key}", CLIENT_KEY).encode()
+        text = template.replace("{body}", case(raw)).replace("{key}", case(CLIENT_KEY))
+        return status, {}, text.encode()
 
     return callback
+
+
+KEY_UNKNOWN = (
+    json.dumps({"errorId": 1, "errorCode": "ERROR_KEY_DOES_NOT_EXIST"})[:-1]
+    + ', "errorDescription": "Account key {key} does not exist"}'
+)
 
 
 def _raise(exc: Exception) -> Callback:
@@ -490,11 +510,14 @@ ECHOING = {
     "4xx-html-echoes-body": _echo(400, "<html><pre>Bad request: {body}</pre></html>"),
     "5xx-echoes-body": _echo(500, "Internal error while handling {body}"),
     "200-not-json-echoes-body": _echo(200, "received {body}"),
-    "error-description-echoes-key": _echo(
-        200,
-        json.dumps({"errorId": 1, "errorCode": "ERROR_KEY_DOES_NOT_EXIST"})[:-1]
-        + ', "errorDescription": "Account key {key} does not exist"}',
-    ),
+    "error-description-echoes-key": _echo(200, KEY_UNKNOWN),
+    "error-description-echoes-key-upper-cased": _echo(200, KEY_UNKNOWN, str.upper),
+    "error-description-echoes-key-swapcased": _echo(200, KEY_UNKNOWN, str.swapcase),
+    "5xx-echoes-body-upper-cased": _echo(502, "BAD GATEWAY: {body}", str.upper),
+    "4xx-echoes-key-title-cased": _echo(400, "<h1>Bad key {key}</h1>", str.title),
+    # the key straddles the point where the detail's excerpt of the body is cut
+    "key-across-the-excerpt-cut": _echo(400, "x" * 110 + "{key}", str.upper),
+    "key-across-the-description-cut": _echo(200, KEY_UNKNOWN.replace("Account", "a" * 270)),
 }
 
 
@@ -507,21 +530,74 @@ def test_send_report_detail_never_contains_client_key(
 
     outcome = send_report(URL, CLIENT_KEY, TASK_ID)
 
-    assert CLIENT_KEY not in outcome.detail
-    assert CLIENT_KEY not in repr(outcome)
+    assert CLIENT_KEY.lower() not in repr(outcome).lower()
 
 
 @pytest.mark.parametrize("callback", ECHOING.values(), ids=ECHOING.keys())
 def test_send_report_detail_never_contains_echoed_client_key(
     api: responses.RequestsMock, callback: Callback
 ) -> None:
-    """A server echoing the request body or the key back does not leak the key into Outcome."""
+    """A server echoing the request body or the key back, in any letter case, does not
+    leak the key (nor the part of it before an excerpt's cut) into Outcome: it is masked."""
     api.add_callback(responses.POST, URL, callback=callback)
 
     outcome = send_report(URL, CLIENT_KEY, TASK_ID)
 
-    assert CLIENT_KEY not in outcome.detail
-    assert CLIENT_KEY not in repr(outcome)
+    assert CLIENT_KEY[:8].lower() not in repr(outcome).lower()
+    assert MASK in outcome.detail
+
+
+# API-key-like strings: printable ASCII (quotes and backslashes included) but no "*", the
+# mask's own letter, and long enough not to occur in a detail's fixed text by chance
+KEYS = st.text(
+    st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="*"),
+    min_size=12,
+    max_size=64,
+)
+
+
+def _mangle(key: str, flips: list[bool]) -> str:
+    """``key`` with each letter's case set by ``flips``."""
+    return "".join(
+        c.lower() if i < len(flips) and not flips[i] else c.upper() for i, c in enumerate(key)
+    )
+
+
+@hsettings(deadline=None, max_examples=300)
+@given(
+    key=KEYS,
+    flips=st.lists(st.booleans(), max_size=64),
+    where=st.sampled_from(["description", "html", "request"]),
+    pad=st.integers(0, 400),
+)
+def test_a_case_mangled_echo_of_any_key_is_masked_in_detail(
+    key: str, flips: list[bool], where: str, pad: int
+) -> None:
+    """Whatever the key, wherever the server echoes it (an error description, an HTML page,
+    the request body) and however it changed the case of its letters, ``detail`` holds
+    neither the key nor its first half."""
+    echo = _mangle(key, flips)
+    if where == "description":  # the API's JSON with the echo in its description
+        status = 200
+        body = json.dumps(
+            {
+                "errorId": 1,
+                "errorCode": "ERROR_KEY_DOES_NOT_EXIST",
+                "errorDescription": " " * pad + echo,
+            }
+        )
+    elif where == "html":
+        status, body = 400, "<pre>" + " " * pad + echo + "</pre>"
+    else:  # the request body as sent (the key JSON-escaped), case-mangled
+        status = 502
+        body = " " * pad + _mangle(json.dumps({"clientKey": key, "taskId": TASK_ID}), flips)
+    with responses.RequestsMock() as api:
+        api.add(responses.POST, URL, body=body.encode(), status=status)
+        outcome = send_report(URL, key, TASK_ID)
+
+    assert key.lower() not in outcome.detail.lower()
+    assert key[: len(key) // 2].lower() not in outcome.detail.lower()
+    assert json.dumps(key)[1:-1].lower() not in outcome.detail.lower()
 
 
 def test_outcome_is_immutable() -> None:

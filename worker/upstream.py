@@ -15,7 +15,8 @@ rejected         every other ERROR_* code, whatever the HTTP status (repeating a
 ===============  ==========================================================================
 
 A provider profile may map extra codes (``error_codes`` in providers.toml). The client key
-is scrubbed from every error text, even when a server echoes the request back.
+is scrubbed from every error text this module builds, in any letter case and before any
+text is cut short, even when a server echoes the request (or the key upper-cased) back.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import email.utils
 import functools
 import json
 import math
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -47,6 +49,7 @@ TRANSIENT_CODES = frozenset(
     {"ERROR_TOO_MUCH_REQUESTS", "ERROR_NO_SLOT_AVAILABLE", "CAPTCHA_NOT_READY"}
 )
 MAX_RETRY_AFTER_S = 3600.0
+MASK = "****"
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,12 +115,14 @@ def send_report(
     except requests.RequestException as exc:
         detail = _describe(exc, client_key)
         return Outcome("transient", None, "CONNECTION_ERROR", detail, None, _since(started))
-    outcome = classify(response.status_code, content, response.headers, error_codes)
+    outcome = classify(
+        response.status_code, content, response.headers, error_codes, secret=client_key
+    )
     return Outcome(
         outcome.status,
         outcome.http_status,
         outcome.error_code,
-        outcome.detail.replace(client_key, "****") if client_key else outcome.detail,
+        outcome.detail,
         outcome.retry_after,
         _since(started),
     )
@@ -128,8 +133,11 @@ def classify(
     content: bytes,
     headers: Mapping[str, str] | None = None,
     error_codes: Mapping[str, str] | None = None,
+    *,
+    secret: str = "",
 ) -> Outcome:
-    """Classify one HTTP answer (pure: unit-tested without a server)."""
+    """Classify one HTTP answer (pure: unit-tested without a server). ``secret`` (the
+    request's client key) is masked, in any letter case, in the detail text."""
     retry_after = parse_retry_after((headers or {}).get("Retry-After"))
     busy = http_status >= 500 or http_status == 429
     try:
@@ -137,17 +145,18 @@ def classify(
     except (ValueError, UnicodeDecodeError):
         body = None
     if not isinstance(body, dict) or "errorId" not in body:
-        snippet = content[:120].decode("utf-8", "replace").strip()
+        text = content[: 4 * _room(120, secret)].decode("utf-8", "replace")
+        snippet = _excerpt(text, 120, secret).strip()
         code = f"HTTP_{http_status}" if http_status >= 400 else "INVALID_JSON"
-        detail = f"HTTP {http_status}, body is not the API's JSON: {snippet!r}"
+        detail = scrub(f"HTTP {http_status}, body is not the API's JSON: {snippet!r}", secret)
         status: Status = "rejected" if 400 <= http_status < 500 and not busy else "transient"
         return Outcome(status, http_status, code, detail, retry_after)
     error_id = body.get("errorId")
     if error_id in (0, "0"):
         return Outcome("accepted", http_status)
     code = str(body.get("errorCode") or "")
-    description = str(body.get("errorDescription") or "")[:300]
-    detail = f"{code or 'errorId ' + str(error_id)}: {description}".rstrip(": ")
+    description = _excerpt(str(body.get("errorDescription") or ""), 300, secret)
+    detail = scrub(f"{code or 'errorId ' + str(error_id)}: {description}".rstrip(": "), secret)
     mapped = (error_codes or {}).get(code)
     if mapped in ("accepted", "rejected", "account_fault", "transient"):
         return Outcome(mapped, http_status, code, detail, retry_after)  # type: ignore[arg-type]
@@ -181,5 +190,29 @@ def _since(started: float) -> float:
 
 
 def _describe(exc: BaseException, secret: str) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    return (text.replace(secret, "****") if secret else text)[:300]
+    return _excerpt(f"{type(exc).__name__}: {exc}", 300, secret)
+
+
+def _room(limit: int, secret: str) -> int:
+    """Characters to read for an excerpt of ``limit``: enough that a key starting inside
+    it is read whole (as a JSON string holds it: up to 12 characters per character)."""
+    return limit + 12 * len(secret)
+
+
+def _excerpt(text: str, limit: int, secret: str) -> str:
+    """The first ``limit`` characters of ``text``, the key masked before the cut (so a key
+    that straddles the cut does not leave its first part behind)."""
+    return scrub(text[: _room(limit, secret)], secret)[:limit]
+
+
+def scrub(text: str, secret: str) -> str:
+    """``text`` with ``secret`` masked in any letter case (a server may echo the key
+    upper-cased), also as a JSON string holds it. Whole-string upper, lower and case-folded
+    forms are listed besides: for a few letters (``ß`` -> ``SS``) they differ in length,
+    which a case-insensitive match alone misses."""
+    if not secret or not text:
+        return text
+    forms = {secret, secret.upper(), secret.lower(), secret.casefold()}
+    forms |= {json.dumps(form)[1:-1] for form in forms}
+    pattern = "|".join(map(re.escape, sorted(forms, key=len, reverse=True)))
+    return re.sub(pattern, MASK, text, flags=re.IGNORECASE)
