@@ -3,6 +3,7 @@ Prometheus server scraping a worker, and `stats` agreeing with what the API saw.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -58,24 +59,53 @@ def test_outcome_counters_and_histograms_after_real_outcomes(
     producer.enqueue_many(
         [(1, "image"), (2, "image"), (3, "HCaptchaTask"), (4, "image"), (5, "token")]
     )
-    wait_until(lambda: _pending(redis_client) == 0, timeout=15)
-    value = metrics.registry.get_sample_value
     total = "report_forwarder_reports_total"
-    assert 2.0 == value(total, {"outcome": "accepted", "kind": "image", "error_code": ""})
-    assert 2.0 == value(total, {"outcome": "accepted", "kind": "token", "error_code": ""})
-    assert 1.0 == value(
-        total, {"outcome": "rejected", "kind": "image", "error_code": "ERROR_NO_SUCH_CAPCHA_ID"}
-    )
-    assert 1.0 == value(total, {"outcome": "retrying", "kind": "token", "error_code": "HTTP_503"})
-    requests_seen = sum(
-        value("report_forwarder_request_seconds_count", {"kind": kind}) or 0
-        for kind in ("image", "token")
-    )
-    assert float(sandbox.count()) == requests_seen
-    assert 6.0 == value("report_forwarder_queue_seconds_count")
-    assert 1.0 == value("report_forwarder_dead_letters", {"reason": "rejected"})
-    assert 0.0 == value("report_forwarder_pending_reports")
-    assert 1.0 == value("report_forwarder_redis_up")
+
+    def observed() -> dict[str, float | None]:
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in metrics.registry.collect()
+            for s in family.samples
+        }
+
+        def value(name: str, **labels: str) -> float | None:
+            return samples.get((name, tuple(sorted(labels.items()))))
+
+        def outcome(outcome: str, kind: str, error_code: str = "") -> float | None:
+            return value(total, outcome=outcome, kind=kind, error_code=error_code)
+
+        return {
+            "accepted image": outcome("accepted", "image"),
+            "accepted token": outcome("accepted", "token"),
+            "rejected image": outcome("rejected", "image", "ERROR_NO_SUCH_CAPCHA_ID"),
+            "retrying token": outcome("retrying", "token", "HTTP_503"),
+            "requests timed": sum(
+                value("report_forwarder_request_seconds_count", kind=kind) or 0.0
+                for kind in ("image", "token")
+            ),
+            "requests the API saw": float(sandbox.count()),
+            "queue waits": value("report_forwarder_queue_seconds_count"),
+            "dead letters, rejected": value("report_forwarder_dead_letters", reason="rejected"),
+            "pending reports": value("report_forwarder_pending_reports"),
+            "redis up": value("report_forwarder_redis_up"),
+        }
+
+    expected = {
+        "accepted image": 2.0,
+        "accepted token": 2.0,
+        "rejected image": 1.0,
+        "retrying token": 1.0,
+        "requests timed": 6.0,
+        "requests the API saw": 6.0,
+        "queue waits": 6.0,
+        "dead letters, rejected": 1.0,
+        "pending reports": 0.0,
+        "redis up": 1.0,
+    }
+    with contextlib.suppress(AssertionError):  # the assert below shows what differed
+        wait_until(lambda: expected == observed(), timeout=15)
+    assert expected == observed()
+    del redis_client
 
 
 def test_metrics_endpoint_text_parses_with_the_expected_families(
@@ -126,8 +156,9 @@ PROMETHEUS = shutil.which("prometheus")
 def test_real_prometheus_scrapes_a_worker_and_answers_a_throughput_query(
     env: dict[str, str], sandbox: Sandbox, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    """A Prometheus server started on loopback scrapes a running worker's /metrics and
-    `sum(rate(report_forwarder_reports_total[1m]))` comes back above zero."""
+    """A Prometheus server started on loopback scrapes a running worker's /metrics:
+    `sum(rate(report_forwarder_reports_total[1m]))` comes back above zero, and the accepted
+    reports it counts are ones the API accepted."""
     metrics_port, prom_port = free_port(), free_port()
     config = tmp_path / "w.toml"
     config.write_text(FAST_RECOVERY)
@@ -156,27 +187,37 @@ def test_real_prometheus_scrapes_a_worker_and_answers_a_throughput_query(
         stderr=subprocess.DEVNULL,
     )
     producer = Producer(load_settings(environ=environ))
-    query = f"http://127.0.0.1:{prom_port}/api/v1/query"
+    query_url = f"http://127.0.0.1:{prom_port}/api/v1/query"
 
-    def throughput() -> float:
-        producer.enqueue_many([(n, "image") for n in range(time.time_ns(), time.time_ns() + 20)])
+    def query(expression: str) -> float | None:
+        """The value of a one-series PromQL query, None while there is none."""
         try:
-            answer = requests.get(
-                query, params={"query": "sum(rate(report_forwarder_reports_total[1m]))"}, timeout=5
-            ).json()
+            answer = requests.get(query_url, params={"query": expression}, timeout=5).json()
         except requests.RequestException:
-            return 0.0
+            return None
         result = answer.get("data", {}).get("result", [])
-        return float(result[0]["value"][1]) if result else 0.0
+        return float(result[0]["value"][1]) if result else None
+
+    def throughput() -> float | None:
+        """The fleet's throughput as Prometheus computes it (None while not above zero),
+        with 20 more reports queued each time, so there is always traffic to see."""
+        producer.enqueue_many([(n, "image") for n in range(time.time_ns(), time.time_ns() + 20)])
+        rate = query("sum(rate(report_forwarder_reports_total[1m]))")
+        return rate if rate is not None and rate > 0 else None
 
     try:
-        assert wait_until(lambda: throughput() > 0, timeout=60, interval=1.0) > 0
+        wait_until(throughput, timeout=60, interval=1.0)  # AssertionError if never above 0
+        scraped = query('sum(report_forwarder_reports_total{outcome="accepted"})')
+        accepted_by_api = sandbox.count(success=True)
     finally:
         prometheus.terminate()
         prometheus.wait(20)
         workers.stop_all()
         producer.client.close()
-    del sandbox, redis_client
+    # what Prometheus scraped is real: never more accepted reports than the API accepted
+    assert scraped is not None
+    assert 0 < scraped <= accepted_by_api
+    del redis_client
 
 
 def test_stats_equal_what_the_api_saw_across_two_worker_processes(
