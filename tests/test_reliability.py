@@ -5,15 +5,19 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import redis
 import structlog
 
-from worker.config import Settings
+from worker import runtime
+from worker.config import MIN_BACKOFF_S, Settings
 from worker.keys import Keys
 from worker.messages import list_key
+from worker.retries import LAST_CHANCE_MARGIN_S, Step, next_step
 from worker.sandbox import Rule, Sandbox
+from worker.upstream import Outcome
 
 from .conftest import (
     CLIENT_KEY,
@@ -38,15 +42,9 @@ def _dead(client: redis.Redis, keys: Keys) -> dict[int, dict[str, str]]:
     }
 
 
-def _settled(service: Service) -> Callable[[], bool]:
-    """True once every report queued so far has reached a terminal outcome."""
-    keys = Keys(service.settings.key_prefix)
-
-    def check() -> bool:
-        value = service.runtime.client.get(keys.npending)
-        return value is not None and int(value) == 0
-
-    return check
+def _task_ids(lines: list[dict[str, Any]], event: str) -> list[int]:
+    """The task ids of the captured ``event`` lines, sorted (repeats kept)."""
+    return sorted(x["task_id"] for x in list(lines) if x["event"] == event)
 
 
 REJECTED = [
@@ -102,18 +100,23 @@ def test_transient_faults_are_retried_with_backoff_then_accepted(
     settings = make_settings(SHORT_TIMEOUT)
     for rule in TRANSIENT.values():
         sandbox.add_rule(rule)
-    with running_worker(settings, env) as svc, structlog.testing.capture_logs() as lines:
+    every = sorted(TRANSIENT)
+    with structlog.testing.capture_logs() as lines, running_worker(settings, env) as svc:
         for task_id in TRANSIENT:
             svc.producer.enqueue(task_id, "token")
-        wait_until(_settled(svc), timeout=30)
-    accepted = [x["task_id"] for x in lines if x["event"] == "report.accepted"]
-    assert sorted(TRANSIENT) == sorted(accepted)
+        wait_until(
+            lambda: (
+                every == _task_ids(lines, "report.accepted") == _task_ids(lines, "report.retrying")
+            ),
+            timeout=30,
+        )
+    assert every == _task_ids(lines, "report.accepted")
     for task_id in TRANSIENT:
         arrivals = [r.monotonic for r in sandbox.requests() if r.task_id == task_id]
         assert 2 == len(arrivals), (task_id, [x for x in lines if x.get("task_id") == task_id])
         assert arrivals[1] - arrivals[0] >= 2.0, task_id
     retrying = [x for x in lines if x["event"] == "report.retrying"]
-    assert sorted(TRANSIENT) == sorted(x["task_id"] for x in retrying)
+    assert every == _task_ids(lines, "report.retrying")
     assert {"TIMEOUT", "CONNECTION_ERROR", "HTTP_503", "HTTP_429", "INVALID_JSON"} <= {
         x["error_code"] for x in retrying
     }
@@ -133,22 +136,46 @@ def test_deadline_bounds_retries_then_expired(
     env: dict[str, str],
     sandbox: Sandbox,
     redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A report that keeps failing is tried until just before its deadline, never after,
-    then dead-lettered as expired."""
+    """A report that keeps failing is retried only at times before its deadline (at the
+    latest just before it), given up as expired only when no further try fits before it,
+    and never sent again after that."""
     settings = make_settings(FAST_RECOVERY, REPORT_FORWARDER_REPORT_DEADLINE_S="7")
     sandbox.add_rule(Rule(task_id=9, http_status=503))
     keys = Keys(settings.key_prefix)
+    decided: list[tuple[float, float, Step]] = []  # the worker's (now, deadline, step)
+
+    def recorded(outcome: Outcome, **kwargs: Any) -> Step:
+        step = next_step(outcome, **kwargs)
+        decided.append((kwargs["now"], kwargs["deadline"], step))
+        return step
+
+    monkeypatch.setattr(runtime, "next_step", recorded)  # a spy: the worker's own decisions
     with running_worker(settings, env) as svc:
         svc.producer.enqueue(9, "image")
-        enqueued = redis_client.hget(keys.report("default", 9), "e")
-        assert enqueued is not None
+        stored = redis_client.hget(keys.report("default", 9), "d")
+        assert stored is not None
+        deadline = float(stored)
         wait_until(lambda: 9 in _dead(redis_client, keys), timeout=20)
     letter = _dead(redis_client, keys)[9]
     assert "expired" == letter["reason"]
     arrivals = [r.at for r in sandbox.requests() if r.task_id == 9]
-    assert 3 <= len(arrivals) == int(letter["attempts"])
-    assert max(arrivals) < float(enqueued) + 7
+    assert 2 <= len(arrivals) == len(decided) == int(letter["attempts"])
+    assert {deadline} == {d for _, d, _ in decided}
+    retries = [step for _, _, step in decided if step.action == "retry"]
+    assert all(step.due <= deadline - LAST_CHANCE_MARGIN_S for step in retries)
+    if len(retries) == len(decided):
+        # the last retry, scheduled before the deadline, was taken up after it (a loaded
+        # machine): given up when it was taken up, without a call
+        assert "deadline passed before it could be sent" == letter["error"]
+    else:
+        assert len(decided) - 1 == len(retries)
+        gave_up_at, _, last = decided[-1]
+        assert ("dead", "expired") == (last.action, last.reason)
+        # given up only when even a last try just before the deadline no longer fitted
+        assert gave_up_at > deadline - LAST_CHANCE_MARGIN_S - MIN_BACKOFF_S
+    assert max(arrivals) <= float(letter["failed_at"])  # no call after it was given up
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     assert min(gaps) >= 2.0
 
@@ -182,24 +209,28 @@ def test_attempt_budget_then_retries_exhausted(
     ],
 )
 def test_account_fault_pauses_the_account_after_one_call(
-    service: Service, sandbox: Sandbox, redis_client: redis.Redis, code: str
+    settings: Settings,
+    env: dict[str, str],
+    sandbox: Sandbox,
+    redis_client: redis.Redis,
+    code: str,
 ) -> None:
     """An account fault dead-letters the report, pauses the account (one account.paused
     line) and every later report of it is dead-lettered as account_paused without a call."""
     sandbox.add_rule(Rule(client_key=CLIENT_KEY, error_code=code))
-    keys = Keys(service.settings.key_prefix)
-    with structlog.testing.capture_logs() as lines:
-        service.producer.enqueue(1, "image")
+    keys = Keys(settings.key_prefix)
+    with structlog.testing.capture_logs() as lines, running_worker(settings, env) as svc:
+        svc.producer.enqueue(1, "image")
         wait_until(lambda: 1 in _dead(redis_client, keys))
         for task_id in range(2, 22):
-            service.producer.enqueue(task_id, "image")
-        wait_until(lambda: len(_dead(redis_client, keys)) == 21)
+            svc.producer.enqueue(task_id, "image")
+        wait_until(lambda: list(range(1, 22)) == _task_ids(lines, "report.dead_lettered"))
     dead = _dead(redis_client, keys)
     assert ("account_fault", code) == (dead[1]["reason"], dead[1]["error_code"])
     assert {"account_paused"} == {dead[t]["reason"] for t in range(2, 22)}
     assert 1 == sandbox.count()
     assert 1 == sum(1 for x in lines if x["event"] == "account.paused")
-    assert 21 == sum(1 for x in lines if x["event"] == "report.dead_lettered")
+    assert list(range(1, 22)) == _task_ids(lines, "report.dead_lettered")
 
 
 def test_redelivered_message_never_reports_twice(
@@ -222,19 +253,37 @@ def test_redelivered_message_never_reports_twice(
 
 
 def test_key_is_in_no_log_line_no_redis_value_no_dead_letter(
-    service: Service, sandbox: Sandbox, redis_client: redis.Redis
+    settings: Settings, env: dict[str, str], sandbox: Sandbox, redis_client: redis.Redis
 ) -> None:
     """Across accepted, rejected, transient and account-fault outcomes — including an API
-    that echoes the request back in its error page — the key appears nowhere."""
+    that echoes the request back in its error page, or the key upper-cased or with its
+    case swapped — the key appears nowhere, in any letter case."""
+    upper_echo = json.dumps(
+        {
+            "errorId": 1,
+            "errorCode": "ERROR_NO_SUCH_CAPCHA_ID",
+            "errorDescription": f"no such task for key {CLIENT_KEY.upper()}",
+        }
+    )
     sandbox.add_rule(Rule(task_id=2, error_code="ERROR_NO_SUCH_CAPCHA_ID"))
     sandbox.add_rule(Rule(task_id=3, http_status=502, body=f"echo: {CLIENT_KEY}", times=1))
     sandbox.add_rule(Rule(task_id=4, http_status=400, body=f"bad request {CLIENT_KEY}"))
-    with structlog.testing.capture_logs() as lines:
-        for task_id in (1, 2, 3, 4):
-            service.producer.enqueue(task_id, "image")
-        wait_until(lambda: sandbox.count(task_id=3, success=True) == 1, timeout=15)
-        wait_until(lambda: redis_client.xlen(Keys().dead) == 2)
-    assert lines
-    assert CLIENT_KEY not in json.dumps(lines, default=str)
-    assert CLIENT_KEY.encode() not in all_redis_bytes(redis_client)
-    assert b"****" in all_redis_bytes(redis_client)  # the echo was scrubbed, not dropped
+    sandbox.add_rule(Rule(task_id=5, body=upper_echo))
+    sandbox.add_rule(Rule(task_id=6, http_status=502, body=CLIENT_KEY.swapcase(), times=1))
+    with structlog.testing.capture_logs() as lines, running_worker(settings, env) as svc:
+        for task_id in (1, 2, 3, 4, 5, 6):
+            svc.producer.enqueue(task_id, "image")
+        wait_until(
+            lambda: (
+                [1, 3, 6] == _task_ids(lines, "report.accepted")
+                and [2, 4, 5] == _task_ids(lines, "report.dead_lettered")
+            ),
+            timeout=15,
+        )
+    assert [3, 6] == _task_ids(lines, "report.retrying")
+    assert CLIENT_KEY.lower() not in json.dumps(lines, default=str).lower()
+    stored = all_redis_bytes(redis_client)
+    assert CLIENT_KEY.lower().encode() not in stored.lower()
+    dead = _dead(redis_client, Keys(settings.key_prefix))
+    assert "ERROR_NO_SUCH_CAPCHA_ID: no such task for key ****" == dead[5]["error"]
+    assert "****" in dead[4]["error"]  # the echo was scrubbed, not dropped
