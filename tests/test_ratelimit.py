@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -56,44 +59,82 @@ def _limiter(settings: Settings, client: redis.Redis) -> tuple[Limiter, Account]
     return Limiter(client, Keys(settings.key_prefix)), settings.accounts["default"]
 
 
+def _redis_now(client: redis.Redis) -> float:
+    """Redis's clock, which times every limiter decision."""
+    seconds, micros = client.time()
+    return float(seconds) + micros / 1e6
+
+
+# the limiter hands times over as "%.6f" text
+ROUNDING = 2e-6
+
+
 def test_admission_refuses_the_n_plus_first_in_a_window(
     make_settings: Callable[..., Settings], redis_client: redis.Redis
 ) -> None:
-    """N admissions pass at once; the next must wait about one window (plus the margin)."""
+    """N admissions pass at once; the next is refused, without taking a place in the log,
+    and told to wait until the oldest admission leaves the window (period + margin)."""
     settings = make_settings(REPORT_FORWARDER_RATE_LIMIT="5/second")
     limiter, account = _limiter(settings, redis_client)
     for _ in range(5):
         assert limiter.admit(account, give_up_after_s=0)[0]
     admitted, wait_s = limiter.admit(account, give_up_after_s=0)
+    refused_by = _redis_now(redis_client)
+    admissions = [
+        score
+        for _, score in redis_client.zrange(
+            Keys(settings.key_prefix).ratelimit("default"), 0, -1, withscores=True
+        )
+    ]
     assert not admitted
-    assert 0.9 < wait_s <= 1.025
+    assert 5 == len(admissions)
+    oldest, newest = min(admissions), max(admissions)
+    window = 1.0 + limiter.margin_s
+    # refused after the fifth admission and before `refused_by`, both by Redis's clock
+    assert oldest + window - refused_by - ROUNDING <= wait_s
+    assert wait_s <= oldest + window - newest + ROUNDING
 
 
 def test_plan_spaces_slots_and_refuses_past_the_deadline(
     make_settings: Callable[..., Settings], redis_client: redis.Redis
 ) -> None:
-    """Planned slots are (period + margin) / N apart; none is given after the deadline."""
-    import time
-
+    """Each planned slot is (period + margin) / N after the one before (or now, when that
+    has passed); none is given after the deadline."""
     settings = make_settings(REPORT_FORWARDER_RATE_LIMIT="4/second")
     limiter, account = _limiter(settings, redis_client)
-    slots = [limiter.plan(account, time.time() + 60).at for _ in range(4)]
-    gaps = [b - a for a, b in itertools.pairwise(slots)]
-    assert all(abs(gap - 1.025 / 4) < 1e-3 for gap in gaps)
-    assert limiter.plan(account, time.time() + 0.5).wait_s is None
+    interval = (1.0 + limiter.margin_s) / 4
+    slots = [limiter.plan(account, time.time() + 60) for _ in range(4)]
+    for before, slot in itertools.pairwise(slots):
+        assert slot.wait_s is not None
+        asked_at = slot.at - slot.wait_s  # Redis's clock when the slot was planned
+        assert max(asked_at, before.at + interval) == pytest.approx(slot.at, abs=ROUNDING)
+    # the next slot is at least `interval` after the last: a deadline before it gets none
+    assert limiter.plan(account, slots[-1].at + interval - 0.01).wait_s is None
+    later = limiter.plan(account, slots[-1].at + interval + 60)  # the refusal reserved nothing
+    assert later.wait_s is not None
+    assert max(later.at - later.wait_s, slots[-1].at + interval) == pytest.approx(
+        later.at, abs=ROUNDING
+    )
 
 
 def test_cool_down_extends_and_never_shortens(
     make_settings: Callable[..., Settings], redis_client: redis.Redis
 ) -> None:
-    """A push-back cools the account at least 2 s; a shorter one does not shorten it."""
+    """A push-back cools the account 5 s from when it came; a shorter one does not shorten
+    it, and admission is refused until its end."""
     settings = make_settings()
     limiter, account = _limiter(settings, redis_client)
+    before = _redis_now(redis_client)
     assert 5.0 == limiter.cool_down(account, 5)
     assert limiter.cool_down(account, 1) is None
     admitted, wait_s = limiter.admit(account, give_up_after_s=0)
+    after = _redis_now(redis_client)
+    stored = redis_client.get(Keys(settings.key_prefix).cooldown("default"))
+    assert stored is not None
+    until = float(stored)
+    assert before + 5 - ROUNDING <= until <= after + 5 + ROUNDING
     assert not admitted
-    assert 4 < wait_s <= 5
+    assert until - after - ROUNDING <= wait_s <= until - before + ROUNDING
 
 
 def test_cool_down_is_at_least_two_seconds(
@@ -139,17 +180,26 @@ def test_a_throttled_account_does_not_starve_another(
     def sent(key: str) -> int:
         return sum(1 for r in sandbox.requests() if r.client_key == key)
 
+    def lines_of(event: str) -> list[dict[str, Any]]:
+        return [x for x in list(lines) if x["event"] == event and x["account"] == "default"]
+
     capture = structlog.testing.capture_logs()
-    with running_worker(settings, environ, concurrency=4) as svc, capture as lines:
-        svc.producer.enqueue_many([(n, "image", "default") for n in range(1, 31)])
+    with capture as lines, running_worker(settings, environ, concurrency=4) as svc:
+        # one report per message: the backlog is 30 messages for the worker's 4 threads
+        slow = [(n, "image", "default") for n in range(1, 31)]
+        svc.producer.enqueue_many(slow, per_message=1)
         svc.producer.enqueue_many([(n, "image", "other") for n in range(101, 131)])
         wait_until(lambda: sent(OTHER_KEY) == 30, timeout=20)
         slow_done = sent(CLIENT_KEY)
         wait_until(lambda: sent(CLIENT_KEY) >= slow_done + 2, timeout=10)  # it goes on
+        wait_until(
+            lambda: (
+                lines_of("report.deferred") and len(lines_of("report.accepted")) >= slow_done + 2
+            )
+        )
     assert slow_done < 30  # the other account finished while this one was still draining
-    assert [x for x in lines if x["event"] == "report.deferred"]
-    accepted = [x for x in lines if x["event"] == "report.accepted" and x["account"] == "default"]
-    assert {1} == {x["attempt"] for x in accepted}
+    assert lines_of("report.deferred")
+    assert {1} == {x["attempt"] for x in lines_of("report.accepted")}
     del redis_client
 
 
@@ -175,14 +225,25 @@ def test_push_back_cools_the_account_across_processes_for_retry_after(
         producer.client.close()
     finally:
         workers.stop_all()
-    log = sorted(sandbox.requests(), key=lambda r: r.monotonic)
-    pushed = next(r for r in log if r.status == 429)
-    after = [r.monotonic - pushed.monotonic for r in log if r.monotonic > pushed.monotonic]
-    # requests already in flight when the 429 arrived land within moments; then silence
-    assert [] == [t for t in after if 0.3 < t < 3.0]
-    assert max(after) >= 3.0
-    lines = "".join(p.read_text() for p in workers.log_paths())
-    assert 1 <= lines.count('"ratelimit.pushed_back"') <= 2
+    log = sorted(sandbox.requests(), key=lambda r: r.at)
+    (pushed,) = [r for r in log if r.status == 429]
+    (line,) = [
+        json.loads(text)
+        for path in workers.log_paths()
+        for text in path.read_text().splitlines()
+        if '"ratelimit.pushed_back"' in text
+    ]
+    # written once the cool-down (3 s from when the worker had the 429, so ending no sooner
+    # than 3 s after the API sent it) was in Redis
+    cooling = datetime.fromisoformat(line["timestamp"]).timestamp()
+    assert pushed.at <= cooling
+    # what reaches the API after that and before the cool-down's end was admitted before it:
+    # at most one request in flight per other worker thread (2 processes x 4 threads)
+    in_flight = [r for r in log if cooling < r.at < pushed.at + 3.0]
+    assert len(in_flight) <= 2 * 4 - 1
+    first, second = (r.at for r in log if r.task_id == 20)
+    assert second - first >= 3.0  # the pushed-back report itself, after Retry-After
+    assert 121 == len(log)
 
 
 def test_stats_show_limit_and_usage(
