@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -155,11 +156,19 @@ def test_rule_retry_after_sets_header(
 def test_latency_rule_and_global_latency_still_answer(
     sandbox: Sandbox, http: requests.Session
 ) -> None:
-    """Delayed answers (rule latency plus global latency) still arrive with the right body."""
-    sandbox.set_latency(5)
-    sandbox.add_rule(Rule(task_id=2, latency_ms=20))
-    assert SUCCESS == report(http, sandbox, task_id=2).json()
-    assert SUCCESS == report(http, sandbox, task_id=3).json()
+    """Answers are held back by the global latency, plus a matching rule's own latency on
+    top, counted from when the sandbox logged the request; they still carry the right body."""
+    sandbox.set_latency(40)
+    sandbox.add_rule(Rule(task_id=2, latency_ms=120))
+    held: dict[int, float] = {}
+    for task_id in (2, 3):
+        answer = report(http, sandbox, task_id=task_id)
+        answered = time.monotonic()  # the answer is in: it left the sandbox before this
+        assert SUCCESS == answer.json()
+        (logged,) = [r for r in sandbox.requests() if r.task_id == task_id]
+        held[task_id] = answered - logged.monotonic
+    assert held[2] >= 0.040 + 0.120
+    assert held[3] >= 0.040
 
 
 def test_rule_drop_closes_without_answer(sandbox: Sandbox, http: requests.Session) -> None:
