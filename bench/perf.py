@@ -96,6 +96,25 @@ def _sandbox_log(url: str) -> list[dict[str, Any]]:
     return log
 
 
+def _api_saw(url: str, sent: int, *, accepted: bool = False, timeout: float = 30.0) -> int:
+    """Wait until the sandbox (the API double, the judge of a run) has logged ``sent``
+    report requests, then check it logged exactly that many (and, with ``accepted``, that
+    it accepted every one): a figure counts what reached the API, not our bookkeeping."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = requests.get(url + "/_sandbox/stats", timeout=30).json()
+        if stats["total"] >= sent or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    successes = stats["by_outcome"].get("success", 0)
+    if stats["total"] != sent or (accepted and successes != sent):
+        raise RuntimeError(
+            f"{sent} reports sent, but the API saw {stats['total']} requests "
+            f"({successes} accepted): the figure would not be what the API received"
+        )
+    return int(stats["total"])
+
+
 # -- producer ------------------------------------------------------------------------------
 
 
@@ -195,10 +214,15 @@ def _drain(
         time.sleep(0.01)
     elapsed = time.perf_counter() - (started or time.perf_counter())
     cpu1 = ps.cpu_times()
+    received = _api_saw(env["REPORT_FORWARDER_API_URL"], n, accepted=True)
     workers.stop_all()
     client.close()
     cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system) if started else 0.0
-    return {"reports_per_s": round(n / elapsed), "cpu_ms_per_report": round(cpu * 1000 / n, 3)}
+    return {
+        "reports_per_s": round(n / elapsed),
+        "cpu_ms_per_report": round(cpu * 1000 / n, 3),
+        "api_received": received,
+    }
 
 
 NAIVE_APP = """
@@ -264,11 +288,16 @@ def _naive(s: dict[str, Any], n: int, threads: int) -> dict[str, Any]:
         time.sleep(0.01)
     elapsed = time.perf_counter() - (started or time.perf_counter())
     cpu1 = ps.cpu_times()
+    received = _api_saw(s["sandbox_url"], n)
     proc.terminate()
     proc.wait(30)
     client.close()
     cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system) if started else 0.0
-    return {"reports_per_s": round(n / elapsed), "cpu_ms_per_report": round(cpu * 1000 / n, 3)}
+    return {
+        "reports_per_s": round(n / elapsed),
+        "cpu_ms_per_report": round(cpu * 1000 / n, 3),
+        "api_received": received,
+    }
 
 
 def _bare(url: str, n: int, threads: int) -> dict[str, Any]:
@@ -294,6 +323,7 @@ def _bare(url: str, n: int, threads: int) -> dict[str, Any]:
     return {
         "reports_per_s": round(per * threads / elapsed),
         "cpu_ms_per_report": round(cpu * 1000 / (per * threads), 3),
+        "api_received": _api_saw(url, per * threads),
     }
 
 
@@ -359,6 +389,7 @@ def end_to_end(rate: float, seconds: float = 10.0, threads: int = 16) -> dict[st
         keys = Keys(load_settings(environ=env).key_prefix)
         while int(producer.client.get(keys.npending) or 0) > 0:
             time.sleep(0.05)
+        _api_saw(s["sandbox_url"], len(sent), accepted=True)
         workers.stop_all()
         log = _sandbox_log(s["sandbox_url"])
         producer.client.close()
@@ -394,6 +425,7 @@ def memory(total: int = 100_000, checkpoint: int = 10_000, threads: int = 16) ->
                 time.sleep(0.05)
             done += checkpoint
             rss[done] = ps.memory_info().rss
+            _api_saw(s["sandbox_url"], done, accepted=True)
         workers.stop_all()
         producer.client.close()
     first, last = rss[checkpoint], rss[total]
