@@ -86,6 +86,7 @@ class RunResult:
     recovered_by: dict[str, int] = field(default_factory=dict)  # report.recovered, by why
     workers_declared_lost: int = 0  # worker.lost lines: heartbeats seen to stop
     workers_died: int = 0  # workers that were not killed but died anyway
+    stalled_pending: int = 0  # reports still pending when the run gave up waiting (240 s)
     seconds: float = 0.0
 
     @property
@@ -96,6 +97,7 @@ class RunResult:
     def ok(self) -> bool:
         return (
             not self.lost
+            and not self.stalled_pending
             and not self.double_outcomes
             and not self.left_pending
             and self.duplicate_calls <= self.bound
@@ -308,17 +310,20 @@ def run_once(
                 _wait(lambda: run.done_count() >= reports * 0.3, 120)
                 run.kill_worker(victims[0])
             feeding.join(180)
-            _wait(lambda: run.pending() == 0, 240)
-            killed = set(victims) if mode != "squeeze" else set()
-            if mode == "deadline":
-                killed = {victims[0]}
+            try:
+                _wait(lambda: run.pending() == 0, 240)
+            except TimeoutError:  # reports stranded: judged below like any other run
+                result.stalled_pending = run.pending()
+            killed = {victims[0]} if mode == "deadline" else set(victims)
+            if mode == "squeeze":
+                killed = set()
             result.workers_died = sum(
                 1 for proc in run.workers.procs if proc not in killed and proc.poll() is not None
             )
-        finally:
             run.workers.stop_all()
-        run.verify()
-        run.close()
+            run.verify()
+        finally:
+            run.close()
     result.seconds = round(time.monotonic() - started, 1)
     if owned:
         shutil.rmtree(base, ignore_errors=True)

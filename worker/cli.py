@@ -815,7 +815,14 @@ def _render_stats(snap: dict[str, Any]) -> str:
         + ("-" if oldest is None else f"{oldest:.1f} s"),
         f"outcomes/s, last 60 s: [{sparkline(spark)}] now {spark[-1] if spark else 0}/s, "
         f"peak {max(spark, default=0)}/s",
+        f"workers: {snap.get('workers', 0)} with a live heartbeat",
     ]
+    if b.get("orphaned"):
+        lines.append(
+            f"ORPHANED {b['orphaned']}: pending reports whose message is in no queue and held "
+            "by no live worker (a worker's sweeper hands them on within lost_grace_s; if this "
+            "stays, no worker is sweeping)"
+        )
     for window, data in snap["throughput"].items():
         outcomes = ", ".join(f"{k} {v}" for k, v in sorted(data["by_outcome"].items())) or "-"
         lines.append(f"last {window:>3}: {data['per_second']:8.2f}/s  {outcomes}")
@@ -831,8 +838,13 @@ def _render_stats(snap: dict[str, Any]) -> str:
         if info.get("cooling_down_s"):
             state = f", cooling down {info['cooling_down_s']:.1f} s"
         lines.append(
-            f"account {name} ({info['provider']}): limit {info['rate_limit']}, "
-            f"{info['used_in_window']} used in the last window ({info['usage']:.0%}){state}"
+            f"account {name} ({info['provider']}): limit {info['rate_limit']}"
+            + (
+                f" (fleet-wide; configured here {info['configured_rate_limit']})"
+                if info.get("configured_rate_limit")
+                else ""
+            )
+            + f", {info['used_in_window']} used in the last window ({info['usage']:.0%}){state}"
         )
     for p in snap["paused_accounts"]:
         lines.append(f"PAUSED {p['account']}: {p['error_code']} ({p['remaining_s']:.0f} s left)")

@@ -12,12 +12,13 @@ import redis
 T = TypeVar("T")
 
 
-def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+def call(fn: Callable[..., T], *args: Any, on: redis.Redis | None = None, **kwargs: Any) -> T:
     """``fn(*args, **kwargs)``; a redis-py failure raises the project's error instead
-    (StoreFullError, StoreUnreachableError, ConfigError or StoreError)."""
+    (StoreFullError, StoreUnreachableError, ConfigError or StoreError), naming the Redis
+    that ``on`` (the client) talks to."""
     try:
         return fn(*args, **kwargs)
     except redis.RedisError as exc:
-        from .store import translate  # store reads settings; imported only on failure
+        from .store import describe_client, translate  # imported only on failure
 
-        raise translate(exc) from exc
+        raise translate(exc, describe_client(on) if on is not None else None) from exc

@@ -684,7 +684,7 @@ class Ledger:
     def _run(self, script: Any, args: Sequence[Any]) -> Any:
         """Run a script; a redis-py failure becomes the project's StoreError (full,
         unreachable, other). Scripts write all or nothing, so a failed call changed nothing."""
-        return guarded.call(script, args=args)
+        return guarded.call(script, args=args, on=self.client)
 
     def enqueue(self, rows: Sequence[Sequence[Any]], *, per_message: int = 1) -> list[int]:
         """Queue ``rows`` of (account, task_id, type, kind, deadline, dead-letter id or '');

@@ -177,7 +177,7 @@ class Limiter:
             self.keys.limit(account.name),
         ]
         args = [self.interval_s(limit), deadline, limit.amount, limit.period_s + self.margin_s]
-        wait, now = guarded.call(self._plan, keys=keys, args=args)
+        wait, now = guarded.call(self._plan, keys=keys, args=args, on=self.client)
         wait_s = float(wait)
         if wait_s < 0:
             return Slot(None, float(now))
@@ -199,7 +199,10 @@ class Limiter:
         while True:
             member = f"{self._origin}-{next(self._ids)}"
             ok, wait = guarded.call(
-                self._admit, keys=keys, args=[limit.amount, window, member, interval]
+                self._admit,
+                keys=keys,
+                args=[limit.amount, window, member, interval],
+                on=self.client,
             )
             waited = time.monotonic() - started
             if int(ok):
@@ -215,7 +218,11 @@ class Limiter:
         ``max(retry_after, 2 s)``. Returns the cool-down if it was extended, else None."""
         seconds = max(MIN_COOL_DOWN_S, retry_after or 0.0)
         keys = [self.keys.cooldown(account.name)]
-        return seconds if int(guarded.call(self._cool, keys=keys, args=[seconds])) else None
+        return (
+            seconds
+            if int(guarded.call(self._cool, keys=keys, args=[seconds], on=self.client))
+            else None
+        )
 
     def throttled(self, account: Account, wait_s: float) -> None:
         """One ``ratelimit.throttled`` line per account per interval, not one per report."""
