@@ -128,6 +128,11 @@ def describe_client(client: redis.Redis) -> str:
     return f"{scheme}://{host}:{port}/{db}"
 
 
+# Redis 7 answers a script's refused write with this text as the whole error (redis-py:
+# OutOfMemoryError); Redis 6.2 wraps it in "Error running script ...: -OOM command ...".
+_OOM = "command not allowed when used memory > 'maxmemory'"
+
+
 def translate(exc: BaseException, url: str | None = None, doing: str = "") -> ForwarderError:
     """The project's error for a redis-py failure, one line: :class:`StoreFullError` (out of
     memory), :class:`StoreUnreachableError`, :class:`ConfigError` for what no retry can fix
@@ -140,7 +145,7 @@ def translate(exc: BaseException, url: str | None = None, doing: str = "") -> Fo
     where = f" at {shown}" if url else ""
     prefix = f"{doing}: " if doing else ""
     text = " ".join(str(exc).split())
-    if isinstance(exc, redis.exceptions.OutOfMemoryError) or text.startswith("OOM"):
+    if isinstance(exc, redis.exceptions.OutOfMemoryError) or _OOM in text:
         return StoreFullError(
             f"{prefix}Redis{where} is out of memory (maxmemory reached, noeviction): nothing "
             "was written; free memory or raise maxmemory, then retry"
