@@ -368,3 +368,18 @@ def test_stats_and_metrics_show_orphaned_reports_until_they_are_handed_on(
     assert 3 == len(events)
     assert 0 == snapshot(redis_client, producer.settings)["backlog"]["orphaned"]
     assert 1 == queue_length(redis_client)
+
+
+def test_last_reports_finish_closes_its_message_in_the_same_round_trip(
+    producer: Producer, ledger: Ledger, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """The finish of a message's last report also does what ``done`` does: the message is
+    forgotten, and a report still queued for it (not reached) goes to a new message."""
+    producer.enqueue_many([(7, "image"), (8, "image")])
+    message_id, _ = _pop(redis_client, "reports")
+    ledger.claim("default:8", message_id, 30, worker="w1")  # 7 is never reached
+    assert ledger.finish("default:8", message_id, "accepted", attempts=1, done=True)
+    assert not redis_client.hexists(keys.msgrefs, message_id)
+    assert 0 == redis_client.zcard(keys.started)
+    _, refs = _pop(redis_client, "reports")
+    assert ["default:7"] == refs

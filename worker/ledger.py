@@ -316,48 +316,60 @@ return {1, f[3], f[4], f[5], f[6], f[7], f[8], f[9], paused or '', f[10] or '', 
 
 # ARGV: prefix, ref, message id, outcome (accepted|retry|defer|dead), now, attempts,
 #       error code, http status, error text, due (retry, defer) or reason (dead), dedup ttl,
-#       dead maxlen, dead min id, stats field ('' = none), planned slot (defer)
+#       dead maxlen, dead min id, stats field ('' = none), planned slot (defer), then
+#       optionally "done" (this was the message's last report: see _DONE), urgent list,
+#       urgent template
 # Returns 1 when recorded, 0 when another delivery owns the report now (nothing changed).
 _FINISH = (
     _COMMON
     + """
 guard()
 local ref, id, outcome, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local attempts, code, http, err, arg = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
-local key = p .. ':r:' .. ref
-local f = redis.call('HMGET', key, 's', 'm', 't', 'k', 'e', 'v', 'o')
-if outcome == 'accepted' then
-  -- recorded whoever owns the report: the API took it, so nobody may send it again
-  if f[1] == 'a' then return 0 end
-  if f[7] then redis.call('SREM', p .. ':running:' .. f[7], ref) end
-  redis.call('DEL', key)
-  redis.call('HSET', key, 's', 'a', 'm', id)
-  redis.call('EXPIRE', key, ARGV[11])
-  redis.call('ZREM', p .. ':leases', ref)
-  redis.call('ZREM', p .. ':sched', ref)
-  if f[1] then redis.call('DECR', p .. ':npending') end
-  count(now, ARGV[14])
-  return 1
-end
-if f[1] ~= 'r' or f[2] ~= id then return 0 end
-if outcome == 'retry' or outcome == 'defer' then
-  if f[7] then redis.call('SREM', p .. ':running:' .. f[7], ref) end
-  redis.call('HSET', key, 's', 'w', 'n', attempts)
-  if outcome == 'retry' then
-    redis.call('HSET', key, 'lc', code, 'lh', http, 'le', err)
-    redis.call('HDEL', key, 'ps')
-  elseif ARGV[15] ~= '' then
-    redis.call('HSET', key, 'ps', ARGV[15])
-  else
-    redis.call('HDEL', key, 'ps')
+local function record()
+  local attempts, code, http, err, arg = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+  local key = p .. ':r:' .. ref
+  local f = redis.call('HMGET', key, 's', 'm', 't', 'k', 'e', 'v', 'o')
+  if outcome == 'accepted' then
+    -- recorded whoever owns the report: the API took it, so nobody may send it again
+    if f[1] == 'a' then return 0 end
+    if f[7] then redis.call('SREM', p .. ':running:' .. f[7], ref) end
+    redis.call('DEL', key)
+    redis.call('HSET', key, 's', 'a', 'm', id)
+    redis.call('EXPIRE', key, ARGV[11])
+    redis.call('ZREM', p .. ':leases', ref)
+    redis.call('ZREM', p .. ':sched', ref)
+    if f[1] then redis.call('DECR', p .. ':npending') end
+    count(now, ARGV[14])
+    return 1
   end
-  redis.call('ZREM', p .. ':leases', ref)
-  redis.call('ZADD', p .. ':sched', arg, ref)
-  count(now, ARGV[14])
+  if f[1] ~= 'r' or f[2] ~= id then return 0 end
+  if outcome == 'retry' or outcome == 'defer' then
+    if f[7] then redis.call('SREM', p .. ':running:' .. f[7], ref) end
+    redis.call('HSET', key, 's', 'w', 'n', attempts)
+    if outcome == 'retry' then
+      redis.call('HSET', key, 'lc', code, 'lh', http, 'le', err)
+      redis.call('HDEL', key, 'ps')
+    elseif ARGV[15] ~= '' then
+      redis.call('HSET', key, 'ps', ARGV[15])
+    else
+      redis.call('HDEL', key, 'ps')
+    end
+    redis.call('ZREM', p .. ':leases', ref)
+    redis.call('ZADD', p .. ':sched', arg, ref)
+    count(now, ARGV[14])
+    return 1
+  end
+  bury(ref, {f[3], f[4], f[5], f[6]}, now, arg, attempts, code, http, err, ARGV[12], ARGV[13])
   return 1
 end
-bury(ref, {f[3], f[4], f[5], f[6]}, now, arg, attempts, code, http, err, ARGV[12], ARGV[13])
-return 1
+local recorded = record()
+if ARGV[16] == 'done' then
+  -- the message's last report: the worker is done with the message (one round trip less)
+  local refs = queued_refs(id)
+  if #refs > 0 then push(refs, now, 'u', ARGV[17], compile(ARGV[18])) end
+  forget(id)
+end
+return recorded
 """
 )
 
@@ -743,11 +755,15 @@ class Ledger:
         reason: str = "",
         planned_slot: float | None = None,
         limiter_since: float | None = None,
+        done: bool = False,
     ) -> bool:
         """Record an outcome: ``accepted``, ``retry`` or ``defer`` (due at ``due``; a deferral
-        keeps its reserved ``planned_slot`` and costs no attempt) or ``dead`` (``reason``)."""
+        keeps its reserved ``planned_slot`` and costs no attempt) or ``dead`` (``reason``).
+        ``done``: this was the message's last report, so the worker is done with the message
+        too (as :meth:`done`, in the same round trip)."""
         now = time.time()
         arg = f"{due:.6f}" if outcome in ("retry", "defer") else reason
+        tail = ["done", self.urgent_list, self.urgent_template] if done else []
         reply = self._run(
             self._finish,
             [
@@ -768,6 +784,7 @@ class Ledger:
                 ""
                 if planned_slot is None
                 else f"{planned_slot:.6f}|{limiter_since if limiter_since else now:.6f}",
+                *tail,
             ],
         )
         return bool(int(reply))

@@ -189,31 +189,41 @@ class Runtime:
         self.held.add(message_id)
         with self._busy_cond:
             self._busy += 1
+        refs = list(refs)
+        done_with_last = False  # the last report's finish also closed the message
         try:
-            for ref in refs:
+            for index, ref in enumerate(refs):
                 if self.stopping.is_set():
                     break
-                self._process_one(ref, message_id)
+                last = index == len(refs) - 1
+                status = self._process_one(ref, message_id, last=last)
+                done_with_last = last and status not in (None, "skipped")
         finally:
-            try:
-                handed = self._store(lambda: self.ledger.done(message_id), "done")
-            except StoreError as exc:  # its reports stay where the sweeper finds them
-                log.warning("message.done_failed", message_id=message_id, error=str(exc))
-            else:
-                if handed:
-                    log.info("message.handed_back", message_id=message_id, reports=handed)
+            if not done_with_last:
+                self._done(message_id)
             self.held.finish(message_id)
             with self._busy_cond:
                 self._busy -= 1
                 self._busy_cond.notify_all()
 
-    def _process_one(self, ref: str, message_id: str) -> None:
+    def _done(self, message_id: str) -> None:
         try:
-            self.process(ref, message_id)
+            handed = self._store(lambda: self.ledger.done(message_id), "done")
+        except StoreError as exc:  # its reports stay where the sweeper finds them
+            log.warning("message.done_failed", message_id=message_id, error=str(exc))
+        else:
+            if handed:
+                log.info("message.handed_back", message_id=message_id, reports=handed)
+
+    def _process_one(self, ref: str, message_id: str, *, last: bool) -> str | None:
+        """What became of the report (as :meth:`process`), or None if it raised."""
+        try:
+            return self.process(ref, message_id, last=last)
         except StoreError as exc:
             log.warning("report.store_failed", ref=ref, error=str(exc))
         except Exception:  # a defect: the report stays running under us; the sweep re-queues it
             log.exception("report.failed", ref=ref)
+        return None
 
     def _store(self, call: Callable[[], T], what: str) -> T:
         """``call()``, retried while Redis is full or unreachable (for ``STORE_RETRY_S``, or
@@ -236,8 +246,9 @@ class Runtime:
 
     # -- one report ------------------------------------------------------------------------
 
-    def process(self, ref: str, message_id: str) -> str:
-        """Deliver one report of message ``message_id``; returns what became of it."""
+    def process(self, ref: str, message_id: str, *, last: bool = False) -> str:
+        """Deliver one report of message ``message_id``; returns what became of it. ``last``:
+        the message's last report, whose outcome also closes the message ("skipped": not)."""
         account_name, task_id = split_ref(ref)
         account = self.settings.accounts.get(account_name)
         limiter_args = self.limiter.claim_args(account) if account is not None else ()
@@ -259,7 +270,7 @@ class Runtime:
             "account": account_name,
             "queue_ms": max(0, round((started - claim.queued_at) * 1000)),
         }
-        job = _Job(ref, message_id, claim, ctx)
+        job = _Job(ref, message_id, claim, ctx, last)
         if account is None:
             return self._bury(job, "rejected", "UNKNOWN_ACCOUNT", f"no account {account_name!r}")
         try:
@@ -347,6 +358,7 @@ class Runtime:
                 due=due,
                 planned_slot=slot,
                 limiter_since=since,
+                done=job.last,
             ),
             "finish",
         ):
@@ -368,7 +380,12 @@ class Runtime:
             field = f"accepted|{ctx['kind']}||{ctx['account']}"
             self._store(
                 lambda: self.ledger.finish(
-                    job.ref, job.message_id, "accepted", attempts=attempts, stats_field=field
+                    job.ref,
+                    job.message_id,
+                    "accepted",
+                    attempts=attempts,
+                    stats_field=field,
+                    done=job.last,
                 ),
                 "finish",
             )
@@ -388,6 +405,7 @@ class Runtime:
                     http_status=outcome.http_status,
                     error=outcome.detail,
                     due=step.due,
+                    done=job.last,
                 ),
                 "finish",
             ):
@@ -428,6 +446,7 @@ class Runtime:
                 http_status=http_status,
                 error=error,
                 reason=reason,
+                done=job.last,
             ),
             "finish",
         ):
@@ -479,13 +498,16 @@ class Runtime:
 
 
 class _Job:
-    __slots__ = ("claim", "ctx", "message_id", "ref")
+    __slots__ = ("claim", "ctx", "last", "message_id", "ref")
 
-    def __init__(self, ref: str, message_id: str, claim: Claim, ctx: dict[str, Any]) -> None:
+    def __init__(
+        self, ref: str, message_id: str, claim: Claim, ctx: dict[str, Any], last: bool
+    ) -> None:
         self.ref = ref
         self.message_id = message_id
         self.claim = claim
         self.ctx = ctx
+        self.last = last  # the message's last report: its finish closes the message too
 
 
 def claim_kind(ctx: dict[str, Any]) -> str:
