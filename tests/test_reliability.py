@@ -255,7 +255,7 @@ def test_redelivered_message_never_reports_twice(
 def test_key_is_in_no_log_line_no_redis_value_no_dead_letter(
     settings: Settings, env: dict[str, str], sandbox: Sandbox, redis_client: redis.Redis
 ) -> None:
-    """Across accepted, rejected, transient and account-fault outcomes — including an API
+    """Across accepted, rejected and transient outcomes — including an API
     that echoes the request back in its error page, or the key upper-cased or with its
     case swapped — the key appears nowhere, in any letter case."""
     upper_echo = json.dumps(
