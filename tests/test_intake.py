@@ -7,15 +7,14 @@ import json
 import re
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import redis
 import requests
-import uvicorn
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
@@ -29,38 +28,10 @@ from worker.sandbox import Sandbox
 from worker.testing import free_port
 
 from .conftest import CLIENT_KEY, Service, queue_length, running_worker, wait_until
+from .intake_support import Server
 
 IMAGE = "/reportIncorrectImageCaptcha"
 TOKEN = "intake-token-abc"
-
-
-class Server:
-    """The intake on uvicorn in a thread, on a free loopback port."""
-
-    def __init__(self, app: Intake) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=self.port,
-            loop="asyncio",
-            http="httptools",
-            lifespan="on",
-            access_log=False,
-            log_config=None,
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        wait_until(lambda: self.server.started, timeout=10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture
@@ -249,6 +220,111 @@ def test_serving_beyond_loopback_needs_a_token(env: dict[str, str]) -> None:
     result = CliRunner().invoke(main, ["serve", "--host", "0.0.0.0"], env=env)  # noqa: S104
     assert 2 == result.exit_code
     assert "REPORT_FORWARDER_INTAKE_TOKEN" in result.output
+
+
+@pytest.mark.parametrize("token", ["   ", "\t", " \n "], ids=["spaces", "tab", "newline"])
+@pytest.mark.parametrize("via", ["option", "env"])
+def test_a_blank_token_does_not_open_a_public_bind(
+    env: dict[str, str], token: str, via: str
+) -> None:
+    """A whitespace-only token counts as no token: `serve` on a public address refuses to
+    start (usage error, exit 2) and says the token is blank."""
+    args = ["serve", "--host", "0.0.0.0", "--port", str(free_port())]  # noqa: S104
+    extra = {"REPORT_FORWARDER_INTAKE_TOKEN": token} if via == "env" else {}
+    if via == "option":
+        args += ["--token", token]
+    result = CliRunner().invoke(main, args, env={**env, **extra})
+    assert 2 == result.exit_code
+    assert "intake token is blank" in result.output
+
+
+def test_the_token_in_the_query_is_decoded_and_only_opens_the_status_page(
+    settings: Settings, env: dict[str, str], http: requests.Session
+) -> None:
+    """`?token=` is percent-decoded and accepted on the status page only; /v1/*, /metrics
+    take the token as `Authorization: Bearer` only."""
+    token = "a+b/c=d&e%f é"
+    encoded = quote(token, safe="")
+    with Server(Intake(settings, settings.redis_url, environ=env, token=token)) as server:
+        assert 200 == http.get(f"{server.url}/?token={encoded}", timeout=10).status_code
+        assert 401 == http.get(f"{server.url}/?token=a%2Bb", timeout=10).status_code
+        for path in ("/v1/stats", "/metrics"):
+            response = http.get(f"{server.url}{path}?token={encoded}", timeout=10)
+            assert 401 == response.status_code, path
+            assert "ERROR_UNAUTHORIZED" == response.json()["errorCode"]
+        items = [{"taskId": 1, "captchaType": "image"}]
+        response = post(http, f"{server.url}/v1/reports?token={encoded}", items)
+        assert 401 == response.status_code
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
+def test_the_bearer_scheme_matches_in_any_case(
+    settings: Settings, env: dict[str, str], http: requests.Session, scheme: str
+) -> None:
+    """`Authorization: bearer …` (any case of the scheme) is accepted; the token itself is
+    matched exactly."""
+    with Server(Intake(settings, settings.redis_url, environ=env, token=TOKEN)) as server:
+        good = {"Authorization": f"{scheme} {TOKEN}"}
+        assert 200 == post(http, server.url + "/v1/reports", [], headers=good).status_code
+        bad = {"Authorization": f"{scheme} {TOKEN.upper()}"}
+        assert 401 == post(http, server.url + "/v1/reports", [], headers=bad).status_code
+
+
+def test_one_bad_json_line_refuses_that_line_only(
+    intake: Server, http: requests.Session, redis_client: redis.Redis
+) -> None:
+    """In JSON lines, a line that is not JSON is refused with its index, the others are
+    queued; a JSON array that is not valid as a whole is still a 400."""
+    lines = [
+        json.dumps({"taskId": 11, "captchaType": "image"}),
+        '{"taskId": 12, "captchaType": ',
+        "",
+        json.dumps({"taskId": 13, "captchaType": "token"}),
+        "\xff\xfe not text",
+    ]
+    response = http.post(
+        intake.url + "/v1/reports",
+        data="\n".join(lines).encode("latin-1"),
+        headers={"Content-Type": "application/x-ndjson"},
+        timeout=10,
+    )
+    assert 200 == response.status_code
+    doc = response.json()
+    assert (2, 0) == (doc["queued"], doc["duplicates"])
+    assert [1, 3] == [r["index"] for r in doc["refused"]]
+    assert "not valid JSON" in doc["refused"][0]["error"]
+    assert {"invalid_json": 2} == doc["refused_by_reason"]
+    assert 2 == queue_length(redis_client)
+    broken = '[{"taskId": 14, "captchaType": "image"},\n{"taskId": 15, "captchaType": ]'
+    response = http.post(
+        intake.url + "/v1/reports",
+        data=broken,
+        headers={"Content-Type": "application/json"},
+        timeout=10,
+    )
+    assert (400, "ERROR_INVALID_JSON") == (response.status_code, response.json()["errorCode"])
+    assert 2 == queue_length(redis_client)
+
+
+def test_fifty_thousand_refusals_make_a_small_answer(
+    intake: Server, http: requests.Session
+) -> None:
+    """50,000 refused items: the first ones are listed with short errors, all are counted
+    by reason, and the accepted type names come once — not 30 names per refusal."""
+    items = [{"taskId": n, "captchaType": "Nope"} for n in range(1, 50_001)]
+    response = post(http, intake.url + "/v1/reports", items)
+    assert 200 == response.status_code
+    assert len(response.content) < 200_000
+    doc = response.json()
+    assert (0, 0) == (doc["queued"], doc["duplicates"])
+    assert 50_000 == doc["refused_total"]
+    assert {"unknown_captcha_type": 50_000} == doc["refused_by_reason"]
+    assert 1000 == len(doc["refused"])
+    assert {"index": 0} == {"index": doc["refused"][0]["index"]}
+    assert "unknown captchaType 'Nope'" in doc["refused"][0]["error"]
+    assert "RecaptchaV2Task" in doc["accepted_captcha_types"]
+    assert "RecaptchaV2Task" not in doc["refused"][0]["error"]
 
 
 def test_client_rate_cap_answers_429(

@@ -17,7 +17,11 @@ descriptive code and a 4xx status, never a 500 or a traceback, and a key is neve
 Reports arriving together are queued in one Redis round trip (natural batching: while
 one enqueue is in flight the next ones gather), so producers never wait on each other.
 
-A raw ASGI app on uvicorn (uvloop + httptools), chosen by bench/intake.py.
+A raw ASGI app on uvicorn (uvloop + httptools), chosen by bench/intake.py; the deadlines
+and connection caps around it are in :mod:`worker.intake_server`, the reading and checking
+of bodies in :mod:`worker.intake_input`. An exception that is not the client's fault is
+logged (``intake.failed``) and answered 500 ``ERROR_INTERNAL`` — hostile input never gets
+that far.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ import hmac
 import ipaddress
 import json
 import time
+from collections import Counter as Tally
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from dataclasses import asdict
 from importlib import resources
 from typing import Any
 
@@ -38,12 +44,26 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from . import store
 from .config import Settings, client_key
 from .errors import ReportError
+from .intake_input import (
+    ClientGoneError,
+    ItemRefusal,
+    Reason,
+    Refusal,
+    bulk_items,
+    bulk_row,
+    json_object,
+    query_values,
+    read_body,
+    shorten,
+    task_id,
+)
+from .intake_server import ConnectionGuard, ConnectionLimits, fitted, raise_fd_limit, uvicorn_config
 from .keys import Keys
 from .ledger import ENQUEUE_SCRIPT, enqueue_args, parse_flags
 from .logs import get_logger, register_secret
 from .messages import list_keys
 from .metrics import Metrics
-from .producer import fields, parse_task_id, validate
+from .producer import validate
 
 log = get_logger("worker.intake")
 
@@ -61,17 +81,18 @@ REPORT_ROUTES = {
 MAX_REPORT_BYTES = 16 * 1024
 MAX_BULK_BYTES = 8 * 1024 * 1024
 MAX_BULK_ITEMS = 50_000
+MAX_REFUSALS_LISTED = 1000  # a bulk answer lists this many refusals, then counts them
 BATCH = 1000
 ROUND_TRIP_TIMEOUT_S = 10.0
 _SUCCESS = b'{"errorId":0,"status":"success"}'
-
-
-class _Refusal(Exception):
-    def __init__(self, status: int, code: str, description: str) -> None:
-        super().__init__(description)
-        self.status = status
-        self.code = code
-        self.description = description
+_INTERNAL = (
+    b'{"errorId":1,"errorCode":"ERROR_INTERNAL",'
+    b'"errorDescription":"internal error of the intake; it has been logged"}'
+)
+_UNAVAILABLE = (
+    b'{"errorId":1,"errorCode":"ERROR_SERVICE_UNAVAILABLE",'
+    b'"errorDescription":"the queue is unreachable; retry shortly"}'
+)
 
 
 class _Batcher:
@@ -194,22 +215,26 @@ class Intake:
         route = path if path in REPORT_ROUTES or path in _ROUTES else "other"
         try:
             status, body, ctype = await self._dispatch(scope, receive, path)
-        except _Refusal as refusal:
+        except Refusal as refusal:
             status, ctype = refusal.status, b"application/json"
             body = json.dumps(
                 {"errorId": 1, "errorCode": refusal.code, "errorDescription": refusal.description}
             ).encode()
         except (redis.RedisError, OSError, TimeoutError) as exc:
             log.warning("intake.redis_failed", error=f"{type(exc).__name__}: {exc}")
-            status, ctype = 503, b"application/json"
-            body = (
-                b'{"errorId":1,"errorCode":"ERROR_SERVICE_UNAVAILABLE",'
-                b'"errorDescription":"the queue is unreachable; retry shortly"}'
-            )
+            status, ctype, body = 503, b"application/json", _UNAVAILABLE
+        except ClientGoneError:
+            self.requests.labels(route, "gone").inc()
+            return
+        except Exception as exc:  # a bug of ours, never a client's fault: logged, then 500
+            log.error("intake.failed", route=route, error=repr(exc)[:300], exc_info=True)
+            status, ctype, body = 500, b"application/json", _INTERNAL
         self.requests.labels(route, str(status)).inc()
         headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]
         if status == 429:
             headers.append((b"retry-after", b"1"))
+        elif status == 401:
+            headers.append((b"www-authenticate", b'Bearer realm="report-forwarder"'))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -246,19 +271,19 @@ class Intake:
         method = scope["method"]
         peer = (scope.get("client") or ("?", 0))[0]
         if not self.limiter.allow(peer):
-            raise _Refusal(429, "ERROR_TOO_MUCH_REQUESTS", "too many requests from this client")
+            raise Refusal(429, "ERROR_TOO_MUCH_REQUESTS", "too many requests from this client")
         report_type = REPORT_ROUTES.get(path)
         if report_type is not None:
             _require(method, "POST")
-            body = await _read(scope, receive, MAX_REPORT_BYTES)
+            body = await read_body(scope, receive, MAX_REPORT_BYTES)
             return 200, await self._report(report_type, body), b"application/json"
         if path == "/healthz":
             _require(method, "GET")
             return await self._health()
-        self._authorise(scope)
+        self._authorise(scope, path)
         if path == "/v1/reports":
             _require(method, "POST")
-            body = await _read(scope, receive, MAX_BULK_BYTES)
+            body = await read_body(scope, receive, MAX_BULK_BYTES)
             return 200, await self._bulk(body), b"application/json"
         if path == "/v1/stats":
             _require(method, "GET")
@@ -270,45 +295,52 @@ class Intake:
         if path == "/":
             _require(method, "GET")
             return 200, self.page, b"text/html; charset=utf-8"
-        raise _Refusal(404, "ERROR_NO_SUCH_METHOD", f"no such method: {path}")
+        raise Refusal(404, "ERROR_NO_SUCH_METHOD", f"no such method: {path}")
 
     async def _report(self, report_type: str, body: bytes) -> bytes:
-        doc = _json_object(body)
-        key = doc.get("clientKey")
-        account = self._account_for(key)
+        doc = json_object(body)
+        account = self._account_for(doc.get("clientKey"))
         if account is None:
-            raise _Refusal(200, "ERROR_KEY_DOES_NOT_EXIST", "no account has this clientKey")
+            raise Refusal(200, "ERROR_KEY_DOES_NOT_EXIST", "no account has this clientKey")
         try:
-            parse_task_id(doc.get("taskId"))
-        except ReportError as exc:
-            raise _Refusal(400, "ERROR_NO_SUCH_CAPCHA_ID", str(exc)) from exc
+            number = task_id(doc.get("taskId"))
+        except ItemRefusal as refusal:
+            raise Refusal(400, "ERROR_NO_SUCH_CAPCHA_ID", refusal.error) from refusal
         try:  # the account's provider may have no endpoint for this kind of report
-            row = validate(self.settings, doc.get("taskId"), report_type, account)
+            row = validate(self.settings, number, report_type, account)
         except ReportError as exc:
-            raise _Refusal(400, "ERROR_NO_SUCH_METHOD", str(exc)) from exc
+            raise Refusal(400, "ERROR_NO_SUCH_METHOD", shorten(str(exc))) from exc
         if self.enqueue_enabled:
             assert self.batcher is not None
             await self.batcher.submit([row])
         return _SUCCESS
 
     async def _bulk(self, body: bytes) -> bytes:
-        items = _json_items(body)
         rows: list[list[Any]] = []
         refused: list[dict[str, Any]] = []
-        for index, item in enumerate(items):
+        reasons: Tally[str] = Tally()
+        for index, item in enumerate(bulk_items(body, MAX_BULK_ITEMS)):
             try:
-                task_id, ctype, account = fields(item)
-                rows.append(validate(self.settings, task_id, ctype, account))
-            except ReportError as exc:
-                refused.append({"index": index, "error": str(exc)})
+                if isinstance(item, ItemRefusal):
+                    raise item
+                rows.append(bulk_row(self.settings, item))
+            except ItemRefusal as refusal:
+                reasons[refusal.reason.value] += 1
+                if len(refused) < MAX_REFUSALS_LISTED:
+                    refused.append({"index": index, "error": refusal.error})
         flags: list[int] = []
         assert self.batcher is not None
         for start in range(0, len(rows), BATCH):  # bounded script calls for big bodies
             flags += await self.batcher.submit(rows[start : start + BATCH])
         queued = sum(flags)
-        return json.dumps(
-            {"queued": queued, "duplicates": len(flags) - queued, "refused": refused}
-        ).encode()
+        doc: dict[str, Any] = {"queued": queued, "duplicates": len(flags) - queued}
+        doc["refused"] = refused
+        if reasons:  # the first MAX_REFUSALS_LISTED are listed; these count them all
+            doc["refused_total"] = reasons.total()
+            doc["refused_by_reason"] = dict(reasons)
+        if Reason.UNKNOWN_CAPTCHA_TYPE.value in reasons:  # the names, once per answer
+            doc["accepted_captcha_types"] = self.settings.captcha_types.names
+        return json.dumps(doc).encode()
 
     async def _health(self) -> tuple[int, bytes, bytes]:
         assert self.client is not None
@@ -335,24 +367,29 @@ class Intake:
         """The account whose key this is; every configured key is compared, in constant time."""
         if not isinstance(key, str) or not key:
             return None
-        given = key.encode()
+        given = key.encode("utf-8", "surrogatepass")
         found = None
         for secret, account in self.account_keys:
             if hmac.compare_digest(given, secret):
                 found = account
         return found
 
-    def _authorise(self, scope: Scope) -> None:
+    def _authorise(self, scope: Scope, path: str) -> None:
+        """The intake token as ``Authorization: Bearer …`` (scheme in any case), or for the
+        status page only, as ``?token=`` (percent-decoded)."""
         if self.token is None:
             return
-        headers = dict(scope.get("headers") or [])
-        given = headers.get(b"authorization", b"")
-        expected = b"Bearer " + self.token.encode()
-        if not hmac.compare_digest(given, expected):
-            query = scope.get("query_string", b"").decode("latin-1")
-            token = dict(p.split("=", 1) for p in query.split("&") if "=" in p).get("token", "")
-            if not hmac.compare_digest(token.encode(), self.token.encode()):
-                raise _Refusal(401, "ERROR_UNAUTHORIZED", "missing or wrong intake token")
+        expected = self.token.encode()
+        for name, value in scope.get("headers") or ():
+            if name == b"authorization":
+                scheme, _, given = value.strip().partition(b" ")
+                if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), expected):
+                    return
+        if path == "/":
+            for given in query_values(scope.get("query_string", b""), b"token"):
+                if hmac.compare_digest(given, expected):
+                    return
+        raise Refusal(401, "ERROR_UNAUTHORIZED", "missing or wrong intake token")
 
 
 _ROUTES = frozenset({"/healthz", "/v1/reports", "/v1/stats", "/metrics", "/"})
@@ -360,60 +397,7 @@ _ROUTES = frozenset({"/healthz", "/v1/reports", "/v1/stats", "/metrics", "/"})
 
 def _require(method: str, allowed: str) -> None:
     if method != allowed:
-        raise _Refusal(405, "ERROR_METHOD_NOT_ALLOWED", f"use {allowed}")
-
-
-async def _read(scope: Scope, receive: Receive, limit: int) -> bytes:
-    headers = dict(scope.get("headers") or [])
-    content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-    if content_type not in (b"application/json", b"application/x-ndjson", b"application/jsonl"):
-        shown = content_type.decode("latin-1")[:60] or "none"
-        raise _Refusal(
-            415, "ERROR_UNSUPPORTED_CONTENT_TYPE", f"content type {shown!r}: send application/json"
-        )
-    declared = headers.get(b"content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _Refusal(413, "ERROR_BODY_TOO_LARGE", f"body over {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise _Refusal(413, "ERROR_BODY_TOO_LARGE", f"body over {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            return b"".join(chunks)
-
-
-def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _Refusal(400, "ERROR_INVALID_JSON", "the body is not valid JSON") from exc
-    if not isinstance(doc, dict):
-        raise _Refusal(400, "ERROR_INVALID_JSON", 'expected an object {"clientKey", "taskId"}')
-    return doc
-
-
-def _json_items(body: bytes) -> list[Any]:
-    """A JSON array, or JSON lines."""
-    text = body.strip()
-    try:
-        if text.startswith(b"["):
-            items = json.loads(text)
-        else:
-            items = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _Refusal(
-            400, "ERROR_INVALID_JSON", "expected a JSON array or JSON lines of reports"
-        ) from exc
-    if not isinstance(items, list):
-        raise _Refusal(400, "ERROR_INVALID_JSON", "expected a JSON array or JSON lines of reports")
-    if len(items) > MAX_BULK_ITEMS:
-        raise _Refusal(413, "ERROR_BODY_TOO_LARGE", f"more than {MAX_BULK_ITEMS} reports")
-    return items
+        raise Refusal(405, "ERROR_METHOD_NOT_ALLOWED", f"use {allowed}")
 
 
 def is_loopback(host: str) -> bool:
@@ -425,6 +409,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def clean_token(token: str | None) -> str | None:
+    """The intake token without surrounding whitespace (an HTTP header cannot carry it),
+    or None when there is none: unset, empty or only whitespace."""
+    if token is None or not token.strip():
+        return None
+    return token.strip()
+
+
 def serve(
     settings: Settings,
     host: str,
@@ -433,25 +425,24 @@ def serve(
     token: str | None,
     client_rate: float = 2000.0,
     enqueue: bool = True,
+    limits: ConnectionLimits | None = None,
 ) -> None:
     """Run the intake on uvicorn until SIGINT/SIGTERM."""
     import uvicorn
 
+    fd_limit = raise_fd_limit()
+    limits = fitted(limits or ConnectionLimits(), fd_limit)
     app = Intake(
         settings, store.resolve_url(settings), token=token, client_rate=client_rate, enqueue=enqueue
     )
-    log.info("intake.started", host=host, port=port, token=token is not None,
-             accounts=[name for _, name in app.account_keys])  # fmt: skip
-    config = uvicorn.Config(
-        app,
+    log.info(
+        "intake.started",
         host=host,
         port=port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        log_config=None,
-        server_header=False,
-        date_header=False,
+        token=token is not None,
+        accounts=[name for _, name in app.account_keys],
+        fd_limit=fd_limit,
+        **{f"limit_{k}": v for k, v in asdict(limits).items()},
     )
-    uvicorn.Server(config).run()
+    guard = ConnectionGuard(limits, app.registry)
+    uvicorn.Server(uvicorn_config(app, host, port, guard)).run()
