@@ -14,14 +14,14 @@ from worker.sandbox import Sandbox
 from .conftest import CLIENT_KEY, Service, all_redis_bytes, queued_messages, wait_until
 from .test_captcha_types import IMAGE_NAMES, TOKEN_NAMES
 
-IMAGE_TYPES = list(IMAGE_NAMES)  # DESIGN.md §2, kept once in test_captcha_types
+IMAGE_TYPES = list(IMAGE_NAMES)  # docs/design.md §7, kept once in test_captcha_types
 TOKEN_TYPES = list(TOKEN_NAMES)
 
 
 def test_every_type_name_reaches_its_endpoint_with_exactly_the_documented_body(
     service: Service, sandbox: Sandbox
 ) -> None:
-    """Each DESIGN.md §2 name, in odd casing, is POSTed to the image or token endpoint with
+    """Each docs/design.md §7 name, in odd casing, is POSTed to the image or token endpoint with
     exactly {"clientKey": <key>, "taskId": <int>} as JSON."""
     expected = {}
     for n, name in enumerate(IMAGE_TYPES + TOKEN_TYPES, start=1001):
@@ -42,7 +42,7 @@ def test_every_type_name_reaches_its_endpoint_with_exactly_the_documented_body(
 def test_accepted_report_logs_one_line_with_the_stable_keys(
     service: Service, sandbox: Sandbox
 ) -> None:
-    """An accepted report produces exactly one report.accepted line with DESIGN.md §6 keys."""
+    """An accepted report produces exactly one report.accepted line with the keys of docs/logging.md."""
     with structlog.testing.capture_logs() as lines:
         service.producer.enqueue(77, "HCaptchaTask")
         wait_until(lambda: any(x["event"] == "report.accepted" for x in lines))

@@ -13,7 +13,7 @@ A report's life (``keys.py`` lists the keys)::
                              write) → handed to a new message
 
 Why a ledger: kombu's Redis transport pops a message before it records it as unacked, so a
-worker killed in between loses it (DESIGN.md §7). The ledger is written in the same script
+worker killed in between loses it (docs/design.md §4). The ledger is written in the same script
 that pushes the message and is cleared only at a terminal outcome, so a report can always
 be found and re-queued. A message names its reports and carries an id; a worker may act on
 a report only if the report is ``queued`` *for that message id* — so a redelivered or

@@ -20,7 +20,7 @@ def register(app: Celery) -> Task[Any, Any]:
         acks_late=True,
         reject_on_worker_lost=True,
         # The ledger, not Celery, retries: a Celery retry would hold an ETA message unacked
-        # in the worker past the visibility timeout (DESIGN.md §7).
+        # in the worker past the visibility timeout (docs/design.md §4).
         max_retries=0,
     )
     def forward(self: Task[Any, Any], refs: list[str]) -> None:

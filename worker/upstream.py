@@ -1,6 +1,6 @@
 """The only module that talks HTTP: POST one report, turn the answer into an :class:`Outcome`.
 
-Classification (DESIGN.md §1). The JSON body is read first, whatever the HTTP status:
+Classification (docs/design.md §1). The JSON body is read first, whatever the HTTP status:
 
 ===============  ==========================================================================
 accepted         ``errorId == 0``
