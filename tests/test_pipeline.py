@@ -42,7 +42,7 @@ def test_every_type_name_reaches_its_endpoint_with_exactly_the_documented_body(
 def test_accepted_report_logs_one_line_with_the_stable_keys(
     service: Service, sandbox: Sandbox
 ) -> None:
-    """An accepted report produces exactly one report.accepted line with the keys of docs/logging.md."""
+    """An accepted report produces exactly one report.accepted line with docs/logging.md keys."""
     with structlog.testing.capture_logs() as lines:
         service.producer.enqueue(77, "HCaptchaTask")
         wait_until(lambda: any(x["event"] == "report.accepted" for x in lines))
