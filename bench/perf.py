@@ -24,10 +24,10 @@ import psutil
 import redis
 import requests
 
-from worker.config import load_settings
-from worker.keys import Keys
 from worker.producer import Producer
-from worker.testing import RedisProcess, WorkerProcesses, free_port, service_env
+from worker.settings import load_settings
+from worker.store.keys import Keys
+from worker.testing.processes import RedisProcess, WorkerProcesses, free_port, service_env
 
 KEY = "bench-perf-key"
 PAYLOAD = 560  # bytes: about one of our messages

@@ -24,10 +24,10 @@ from typing import Any
 
 import requests
 
-from worker.config import load_settings
 from worker.producer import Producer
-from worker.sandbox import Sandbox
-from worker.testing import RedisProcess, WorkerProcesses, service_env
+from worker.settings import load_settings
+from worker.testing.processes import RedisProcess, WorkerProcesses, service_env
+from worker.testing.sandbox import Sandbox
 
 KEY = "bench-key"
 OTHER_KEY = "bench-key-2"
@@ -157,10 +157,10 @@ def pipeline(
 def _compare_process(
     kind: str, redis_url: str, api: str, limit: int, threads: int, until: float, out: Any
 ) -> None:
-    from worker.config import Account, Provider, RateLimit
-    from worker.keys import Keys
-    from worker.ratelimit import Limiter
-    from worker.store import connect
+    from worker.delivery.ratelimit import Limiter
+    from worker.settings import Account, Provider, RateLimit
+    from worker.store.connection import connect
+    from worker.store.keys import Keys
 
     sent: list[float] = []
     lock = threading.Lock()

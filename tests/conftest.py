@@ -15,15 +15,15 @@ import redis
 import structlog
 from celery.contrib.testing.worker import start_worker
 
-from worker import logs
-from worker.celery_app import ForwarderApp, create_app, worker_options
-from worker.config import Settings, load_settings
-from worker.keys import Keys
-from worker.messages import list_keys
+from worker.delivery.celery_app import ForwarderApp, create_app, worker_options
+from worker.delivery.runtime import Runtime
+from worker.observability import logs
 from worker.producer import Producer
-from worker.runtime import Runtime
-from worker.sandbox import Sandbox
-from worker.testing import RedisProcess, service_env
+from worker.settings import Settings, load_settings
+from worker.store.keys import Keys
+from worker.store.messages import list_keys
+from worker.testing.processes import RedisProcess, service_env
+from worker.testing.sandbox import Sandbox
 
 CLIENT_KEY = "test-client-key-5f3a9c"
 

@@ -37,12 +37,12 @@ from typing import Any
 
 import redis
 
-from worker.config import Settings, load_settings
 from worker.errors import StoreError, StoreFullError
-from worker.keys import Keys, split_ref
 from worker.producer import Producer
-from worker.sandbox import Rule, Sandbox
-from worker.testing import RedisProcess, WorkerProcesses, service_env
+from worker.settings import Settings, load_settings
+from worker.store.keys import Keys, split_ref
+from worker.testing.processes import RedisProcess, WorkerProcesses, service_env
+from worker.testing.sandbox import Rule, Sandbox
 
 CLIENT_KEY = "crash-test-key-8d1e"
 CONCURRENCY = 8

@@ -9,8 +9,8 @@ import threading
 import uvicorn
 
 from worker.intake import Intake
-from worker.intake_server import ConnectionGuard, ConnectionLimits, uvicorn_config
-from worker.testing import free_port
+from worker.intake.server import ConnectionGuard, ConnectionLimits, uvicorn_config
+from worker.testing.processes import free_port
 
 from .conftest import wait_until
 

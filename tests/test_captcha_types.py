@@ -1,4 +1,4 @@
-"""worker.captcha_types with the checked-in table config/captcha-types.toml (DESIGN §2)."""
+"""worker.settings.captcha_types and the table config/captcha-types.toml (docs/design.md §7)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from worker.captcha_types import CaptchaTypes
-from worker.config import load_settings
 from worker.errors import ConfigError, ReportError
+from worker.settings import load_settings
+from worker.settings.captcha_types import CaptchaTypes
 
 IMAGE_NAMES = ("ImageToTextTask", "ComplexImageTask", "image")
 TOKEN_NAMES = (
@@ -63,7 +63,7 @@ def types() -> CaptchaTypes:
 def test_documented_names_resolve_to_their_kind(
     types: CaptchaTypes, name: str, kind: str, spelling: Callable[[str], str]
 ) -> None:
-    """Every DESIGN §2 name resolves, in any casing and with surrounding whitespace, to its kind."""
+    """Every docs/design.md §7 name resolves, in any casing and surrounding spaces, to its kind."""
     resolved = types.resolve(spelling(name))
 
     assert kind == resolved.kind

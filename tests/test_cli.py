@@ -10,9 +10,9 @@ import redis
 from click.testing import CliRunner, Result
 
 from worker.cli import main
-from worker.config import Settings
-from worker.keys import Keys
-from worker.sandbox import Sandbox
+from worker.settings import Settings
+from worker.store.keys import Keys
+from worker.testing.sandbox import Sandbox
 
 from .conftest import CLIENT_KEY, FAST_RECOVERY, running_worker, wait_until
 

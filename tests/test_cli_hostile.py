@@ -16,7 +16,7 @@ from hypothesis import settings as run_settings
 from hypothesis import strategies as st
 
 from worker.cli import main
-from worker.testing import RedisProcess, free_port
+from worker.testing.processes import RedisProcess, free_port
 
 from .clirun import run_cli
 

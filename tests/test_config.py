@@ -1,4 +1,4 @@
-"""worker.config: checked-in defaults < REPORT_FORWARDER_CONFIG file < environment (DESIGN §5)."""
+"""worker.settings: checked-in defaults < REPORT_FORWARDER_CONFIG file < environment."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from worker.config import Account, RateLimit, Settings, client_key, load_settings
 from worker.errors import ConfigError, ReportError
+from worker.settings import Account, RateLimit, Settings, client_key, load_settings
 
 CLIENT_KEY = "cm-key-3b8f1e6a2d9c4705-secret"
 CAPMONSTER = "https://api.capmonster.cloud"
@@ -104,7 +104,7 @@ def test_settings_are_frozen() -> None:
         s.report_deadline_s = 1  # type: ignore[misc]
 
 
-# --- environment overrides (DESIGN §5) -----------------------------------------------------
+# --- environment overrides (README, Configuration) ---------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,9 @@ import redis
 from click.testing import CliRunner
 
 from worker.cli import main
-from worker.config import Settings
-from worker.keys import Keys
-from worker.sandbox import Rule, Sandbox
+from worker.settings import Settings
+from worker.store.keys import Keys
+from worker.testing.sandbox import Rule, Sandbox
 
 from .conftest import FAST_RECOVERY, Service, running_worker, wait_until
 

@@ -22,10 +22,10 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from worker.cli import main
-from worker.config import Settings
 from worker.intake import Intake
-from worker.sandbox import Sandbox
-from worker.testing import free_port
+from worker.settings import Settings
+from worker.testing.processes import free_port
+from worker.testing.sandbox import Sandbox
 
 from .conftest import CLIENT_KEY, Service, queue_length, running_worker, wait_until
 from .intake_support import Server
@@ -426,7 +426,7 @@ def test_status_page_in_headless_chromium_shows_the_numbers_of_stats_json(
 ) -> None:
     """The page, rendered by Chromium from the intake itself (no CDN), shows the same
     numbers as `stats --json`; a screenshot is kept with the test run."""
-    from worker.sandbox import Rule
+    from worker.testing.sandbox import Rule
 
     sandbox.add_rule(Rule(task_id=3, error_code="ERROR_NO_SUCH_CAPCHA_ID"))
     service.producer.enqueue_many([(n, "image" if n % 2 else "token") for n in range(1, 41)])

@@ -22,9 +22,9 @@ import redis
 import requests
 from structlog.testing import capture_logs
 
-from worker.config import Settings
 from worker.intake import Intake
-from worker.intake_server import FD_RESERVE, ConnectionLimits, fitted
+from worker.intake.server import FD_RESERVE, ConnectionLimits, fitted
+from worker.settings import Settings
 
 from .conftest import CLIENT_KEY, queue_length, wait_until
 from .intake_support import Server, read_until_closed, request_bytes
@@ -230,7 +230,7 @@ def test_the_open_file_limit_is_raised_to_its_hard_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     low = min(256, hard)
     code = (
-        "import resource; from worker.intake_server import raise_fd_limit; "
+        "import resource; from worker.intake.server import raise_fd_limit; "
         "print(raise_fd_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
     )
     out = subprocess.run(

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from worker.config import Settings
 from worker.intake import Intake
-from worker.intake_input import decode_json
+from worker.intake.input import decode_json
+from worker.settings import Settings
 
 from .conftest import CLIENT_KEY, queue_length
 from .intake_support import Server

@@ -9,10 +9,10 @@ import pytest
 import redis
 
 from worker.errors import StoreFullError
-from worker.keys import UNACKED, Keys
-from worker.ledger import Claim, Ledger
-from worker.messages import list_keys, template
 from worker.producer import Producer
+from worker.store.keys import UNACKED, Keys
+from worker.store.ledger import Claim, Ledger
+from worker.store.messages import list_keys, template
 
 from .conftest import queue_length, queued_messages, wait_until
 
@@ -353,8 +353,8 @@ def test_stats_and_metrics_show_orphaned_reports_until_they_are_handed_on(
     "orphaned" in stats and in the metrics (ops see it), and are not once handed on."""
     from prometheus_client import generate_latest
 
-    from worker.metrics import Metrics
-    from worker.stats import snapshot
+    from worker.observability.metrics import Metrics
+    from worker.observability.stats import snapshot
 
     producer.enqueue_many([(7, "image"), (8, "image"), (9, "image")])
     _pop(redis_client, "reports")  # popped, then lost

@@ -16,15 +16,15 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from worker import logs
-from worker.config import Settings
-from worker.keys import Keys, ref
-from worker.logs import REDACTED, configure, redact, register_secret
-from worker.messages import list_key
+from worker.delivery.runtime import Runtime, Sweeper
+from worker.observability import logs
+from worker.observability.logs import REDACTED, configure, redact, register_secret
 from worker.producer import Producer
-from worker.runtime import Runtime, Sweeper
-from worker.sandbox import Rule, Sandbox
-from worker.testing import WorkerProcesses
+from worker.settings import Settings
+from worker.store.keys import Keys, ref
+from worker.store.messages import list_key
+from worker.testing.processes import WorkerProcesses
+from worker.testing.sandbox import Rule, Sandbox
 
 from .conftest import (
     CLIENT_KEY,

@@ -18,15 +18,15 @@ from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from worker.celery_app import create_app, worker_options
 from worker.cli import main
-from worker.config import Settings, load_settings
-from worker.keys import Keys
-from worker.metrics import Metrics
+from worker.delivery.celery_app import create_app, worker_options
+from worker.delivery.runtime import Runtime
+from worker.observability.metrics import Metrics
 from worker.producer import Producer
-from worker.runtime import Runtime
-from worker.sandbox import Rule, Sandbox
-from worker.testing import WorkerProcesses, free_port
+from worker.settings import Settings, load_settings
+from worker.store.keys import Keys
+from worker.testing.processes import WorkerProcesses, free_port
+from worker.testing.sandbox import Rule, Sandbox
 
 from .conftest import FAST_RECOVERY, cli_env, wait_until
 

@@ -8,8 +8,8 @@ import pytest
 import redis
 import structlog
 
-from worker.config import Settings
-from worker.sandbox import Sandbox
+from worker.settings import Settings
+from worker.testing.sandbox import Sandbox
 
 from .conftest import CLIENT_KEY, Service, all_redis_bytes, queued_messages, wait_until
 from .test_captcha_types import IMAGE_NAMES, TOKEN_NAMES
@@ -74,7 +74,7 @@ def test_accepted_report_logs_one_line_with_the_stable_keys(
 
 def test_error_answer_is_logged_with_its_code(service: Service, sandbox: Sandbox) -> None:
     """A report the API refuses is logged as dead-lettered with the API's error code."""
-    from worker.sandbox import Rule
+    from worker.testing.sandbox import Rule
 
     sandbox.add_rule(Rule(task_id=5, error_code="ERROR_NO_SUCH_CAPCHA_ID"))
     with structlog.testing.capture_logs() as lines:

@@ -10,10 +10,10 @@ import redis
 from click.testing import CliRunner
 
 from worker.cli import main
-from worker.keys import Keys
 from worker.producer import Producer
-from worker.sandbox import Rule, Sandbox
-from worker.testing import WorkerProcesses
+from worker.store.keys import Keys
+from worker.testing.processes import WorkerProcesses
+from worker.testing.sandbox import Rule, Sandbox
 
 from .conftest import CLIENT_KEY, FAST_RECOVERY, cli_env, wait_until
 
@@ -40,7 +40,7 @@ def test_account_pause_holds_across_two_worker_processes(
 ) -> None:
     """A zero-balance account costs a handful of API calls across two workers, not one per
     report; `stats --json` shows the pause; `accounts resume` lifts it for both."""
-    from worker.config import load_settings
+    from worker.settings import load_settings
 
     environ, _ = two_workers
     sandbox.add_rule(Rule(client_key=CLIENT_KEY, error_code="ERROR_ZERO_BALANCE"))
@@ -79,7 +79,7 @@ def test_two_workers_configured_with_different_limits_share_the_stricter(
 ) -> None:
     """One worker says 4/second for the account, another 40/second: the API never sees more
     than 4 in any 1-s window, and the loose worker says loudly that it runs under 4."""
-    from worker.config import load_settings
+    from worker.settings import load_settings
 
     del redis_client  # flushed
     config = tmp_path / "workers.toml"

@@ -10,10 +10,10 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as run_settings
 from hypothesis import strategies as st
 
-from worker.config import Settings
 from worker.errors import ReportError
-from worker.keys import Keys
 from worker.producer import MAX_TASK_ID, Producer, parse_task_id
+from worker.settings import Settings
+from worker.store.keys import Keys
 
 from .conftest import queue_length
 
@@ -139,7 +139,7 @@ def test_library_use_without_logging_setup(settings: Settings, redis_client: red
     import subprocess
     import sys
 
-    from worker.testing import service_env
+    from worker.testing.processes import service_env
 
     code = (
         "import logging, worker\n"

@@ -11,11 +11,11 @@ import redis
 from click.testing import CliRunner
 
 from worker.cli import main
-from worker.config import load_settings
 from worker.errors import ReportError
-from worker.keys import Keys
 from worker.producer import Producer
-from worker.sandbox import Rule, Sandbox
+from worker.settings import load_settings
+from worker.store.keys import Keys
+from worker.testing.sandbox import Rule, Sandbox
 
 from .conftest import FAST_RECOVERY, running_worker, wait_until
 

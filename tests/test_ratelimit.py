@@ -18,12 +18,12 @@ from click.testing import CliRunner
 
 from bench.ratelimit import max_in_window
 from worker.cli import main
-from worker.config import Account, Settings, load_settings
-from worker.keys import Keys
+from worker.delivery.ratelimit import Limiter
 from worker.producer import Producer
-from worker.ratelimit import Limiter
-from worker.sandbox import Rule, Sandbox
-from worker.testing import WorkerProcesses
+from worker.settings import Account, Settings, load_settings
+from worker.store.keys import Keys
+from worker.testing.processes import WorkerProcesses
+from worker.testing.sandbox import Rule, Sandbox
 
 from .conftest import CLIENT_KEY, FAST_RECOVERY, cli_env, running_worker, wait_until
 

@@ -11,13 +11,13 @@ import pytest
 import redis
 import structlog
 
-from worker import runtime
-from worker.config import MIN_BACKOFF_S, Settings
-from worker.keys import Keys
-from worker.messages import list_key
-from worker.retries import LAST_CHANCE_MARGIN_S, Step, next_step
-from worker.sandbox import Rule, Sandbox
-from worker.upstream import Outcome
+from worker.delivery import runtime
+from worker.delivery.retries import LAST_CHANCE_MARGIN_S, Step, next_step
+from worker.delivery.upstream import Outcome
+from worker.settings import MIN_BACKOFF_S, Settings
+from worker.store.keys import Keys
+from worker.store.messages import list_key
+from worker.testing.sandbox import Rule, Sandbox
 
 from .conftest import (
     CLIENT_KEY,

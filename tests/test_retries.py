@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from worker.retries import LAST_CHANCE_MARGIN_S, Policy, Step, backoff_delay, next_step
-from worker.upstream import Outcome
+from worker.delivery.retries import LAST_CHANCE_MARGIN_S, Policy, Step, backoff_delay, next_step
+from worker.delivery.upstream import Outcome
 
 SEEDS = range(300)
 POLICY = Policy()  # max_attempts 10, base 2 s, cap 60 s, jitter +25 %

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from worker.sandbox import REPORT_PATHS, RecordedRequest, Rule, Sandbox
+from worker.testing.sandbox import REPORT_PATHS, RecordedRequest, Rule, Sandbox
 
 IMAGE = "/reportIncorrectImageCaptcha"
 HCAPTCHA = "/reportIncorrectHcaptcha"
@@ -366,7 +366,7 @@ def test_malformed_request_line_is_400(sandbox: Sandbox) -> None:
 
 def test_serve_runs_until_sigterm() -> None:
     """serve() prints its URL to stderr, answers, and exits cleanly on SIGTERM."""
-    code = "from worker.sandbox import serve; serve('127.0.0.1', 0)"
+    code = "from worker.testing.sandbox import serve; serve('127.0.0.1', 0)"
     with subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) as proc:
         assert proc.stderr is not None
         line = proc.stderr.readline().strip()

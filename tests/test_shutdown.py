@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from worker.config import load_settings
-from worker.keys import Keys
 from worker.producer import Producer
-from worker.sandbox import Sandbox
-from worker.testing import WorkerProcesses
+from worker.settings import load_settings
+from worker.store.keys import Keys
+from worker.testing.processes import WorkerProcesses
+from worker.testing.sandbox import Sandbox
 
 from .conftest import FAST_RECOVERY, cli_env, queue_length, wait_until
 

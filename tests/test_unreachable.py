@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from worker import store
-from worker.config import Settings
 from worker.errors import ConfigError, StoreFullError, StoreUnreachableError
 from worker.producer import Producer
-from worker.testing import RedisProcess, free_port
+from worker.settings import Settings
+from worker.store import connection as store
+from worker.testing.processes import RedisProcess, free_port
 
 from .clirun import run_cli
 from .conftest import cli_env
@@ -155,7 +155,7 @@ def test_tls_against_a_plain_server_fails_within_the_timeout_in_one_line(
 
 
 def settings_for(env: dict[str, str], url: str, retry_s: float | None = None) -> Settings:
-    from worker.config import load_settings
+    from worker.settings import load_settings
 
     environ = env | {"REDIS_URL": url}
     if retry_s is not None:

@@ -1,4 +1,4 @@
-"""worker.upstream: the DESIGN §1 classification table, Retry-After, and the HTTP layer.
+"""worker.delivery.upstream: the docs/design.md §1 classification table, Retry-After, HTTP.
 
 ``classify`` and ``parse_retry_after`` are pure; ``send_report`` is exercised with ``responses``
 (the one place where mocking HTTP is allowed: a pure unit test of upstream.py).
@@ -18,8 +18,7 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from worker.sandbox import Rule, Sandbox
-from worker.upstream import (
+from worker.delivery.upstream import (
     MASK,
     MAX_RETRY_AFTER_S,
     Outcome,
@@ -27,6 +26,7 @@ from worker.upstream import (
     parse_retry_after,
     send_report,
 )
+from worker.testing.sandbox import Rule, Sandbox
 
 URL = "https://api.capmonster.test/reportIncorrectTokenCaptcha"
 CLIENT_KEY = "ck-5e1b7d0a9c3f4e2b8a6d-do-not-leak"
@@ -97,7 +97,7 @@ def test_classify_error_id_zero_without_status_is_accepted() -> None:
 
 @pytest.mark.parametrize("code", REJECTED_CODES)
 def test_classify_listed_rejected_codes(code: str) -> None:
-    """Each code DESIGN §1 lists as a permanent rejection of this report is ``rejected``."""
+    """Each code docs/design.md §1 lists as a permanent rejection of this report is ``rejected``."""
     outcome = classify(200, api_error(code, "whatever the API says"))
 
     assert "rejected" == outcome.status
@@ -138,7 +138,7 @@ def test_classify_4xx_without_usable_body_is_rejected(http_status: int, content:
 
 @pytest.mark.parametrize("code", ACCOUNT_FAULT_CODES)
 def test_classify_account_fault_codes(code: str) -> None:
-    """Each code DESIGN §1 lists as a fault of the whole key is ``account_fault``."""
+    """Each code docs/design.md §1 lists as a fault of the whole key is ``account_fault``."""
     outcome = classify(200, api_error(code))
 
     assert "account_fault" == outcome.status

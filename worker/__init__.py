@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import (
+from worker.errors import (
     AccountFaultError,
     ConfigError,
     ForwarderError,
@@ -21,7 +21,7 @@ from .errors import (
     TransientUpstreamError,
     UpstreamError,
 )
-from .producer import BulkResult, Producer, Refused, enqueue_report, enqueue_reports
+from worker.producer import BulkResult, Producer, Refused, enqueue_report, enqueue_reports
 
 __all__ = [
     "AccountFaultError",

@@ -1,5 +1,5 @@
 """``python -m worker`` is ``report-forwarder``."""
 
-from .cli import main
+from worker.cli import main
 
 main()

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import redis
 
-from . import store
-from .config import Settings, abbreviate, load_settings
-from .errors import ForwarderError, ReportError
-from .keys import Keys
-from .ledger import Ledger
-from .logs import LibraryLogger
+from worker.errors import ForwarderError, ReportError
+from worker.observability.logs import LibraryLogger
+from worker.settings import Settings, abbreviate, load_settings
+from worker.store import connection as store
+from worker.store.deadletters import DeadLetter
+from worker.store.keys import Keys
+from worker.store.ledger import Ledger
 
 log = LibraryLogger("worker.producer")
 
@@ -287,3 +288,29 @@ def enqueue_report(task_id: int, captcha_type: str, account: str = "default") ->
 def enqueue_reports(items: Iterable[Any], *, chunk: int = CHUNK) -> BulkResult:
     """Queue many reports (mappings or tuples), one Redis round trip per ``chunk``."""
     return default_producer().enqueue_many(items, chunk=chunk)
+
+
+@dataclass(slots=True)
+class ReplayResult:
+    replayed: int = 0
+    duplicates: int = 0
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (id, why kept)
+
+
+def replay(producer: Producer, letters: Sequence[DeadLetter], chunk: int = 500) -> ReplayResult:
+    """Queue ``letters`` again with a fresh deadline; each entry is removed as it is queued.
+    A letter that no longer validates (type or account removed) stays, and is reported."""
+    result = ReplayResult()
+    rows = []
+    for letter in letters:
+        try:
+            rows.append(
+                producer.row(letter.task_id, letter.captcha_type, letter.account, letter.id)
+            )
+        except ReportError as exc:
+            result.refused.append((letter.id, str(exc)))
+    for start in range(0, len(rows), chunk):
+        flags = producer.enqueue_rows(rows[start : start + chunk])
+        result.replayed += sum(flags)
+        result.duplicates += len(flags) - sum(flags)
+    return result

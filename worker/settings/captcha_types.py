@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from .errors import ConfigError, ReportError
+from worker.errors import ConfigError, ReportError
 
 KINDS = ("image", "token")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")

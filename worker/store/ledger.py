@@ -47,8 +47,9 @@ from typing import Any
 
 import redis
 
-from . import guarded, messages, ratelimit
-from .keys import UNACKED, UNACKED_INDEX, Keys
+from worker.store import calls as guarded
+from worker.store import limits, messages
+from worker.store.keys import UNACKED, UNACKED_INDEX, Keys
 
 # The heartbeat: how often a worker says it is alive, and how long without one before the
 # sweep (any worker's) takes it for dead and hands its reports on.
@@ -272,7 +273,7 @@ return table.concat(flags)
 # deadline) or the time of the reserved slot.
 _CLAIM = (
     _COMMON
-    + ratelimit.LUA
+    + limits.LUA
     + """
 guard()
 local ref, id, now, worker = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[6]

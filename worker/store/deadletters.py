@@ -13,16 +13,15 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
 
-from .config import abbreviate
-from .errors import ReportError
-from .keys import Keys
-from .ledger import Ledger
-from .producer import Producer
+from worker.errors import ReportError
+from worker.settings import abbreviate
+from worker.store.keys import Keys
+from worker.store.ledger import Ledger
 
 REASONS = (
     "rejected",
@@ -206,29 +205,3 @@ class DeadLetters:
 
     def purge(self, ledger: Ledger, letters: Sequence[DeadLetter]) -> int:
         return ledger.drop_dead([letter.id for letter in letters])
-
-
-@dataclass(slots=True)
-class ReplayResult:
-    replayed: int = 0
-    duplicates: int = 0
-    refused: list[tuple[str, str]] = field(default_factory=list)  # (id, why kept)
-
-
-def replay(producer: Producer, letters: Sequence[DeadLetter], chunk: int = _PAGE) -> ReplayResult:
-    """Queue ``letters`` again with a fresh deadline; each entry is removed as it is queued.
-    A letter that no longer validates (type or account removed) stays, and is reported."""
-    result = ReplayResult()
-    rows = []
-    for letter in letters:
-        try:
-            rows.append(
-                producer.row(letter.task_id, letter.captcha_type, letter.account, letter.id)
-            )
-        except ReportError as exc:
-            result.refused.append((letter.id, str(exc)))
-    for start in range(0, len(rows), chunk):
-        flags = producer.enqueue_rows(rows[start : start + chunk])
-        result.replayed += sum(flags)
-        result.duplicates += len(flags) - sum(flags)
-    return result

@@ -16,9 +16,9 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import unquote, unquote_plus
 
-from .config import Settings
-from .errors import ReportError
-from .producer import MAX_TASK_ID, fields, parse_task_id, validate
+from worker.errors import ReportError
+from worker.producer import MAX_TASK_ID, fields, parse_task_id, validate
+from worker.settings import Settings
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 

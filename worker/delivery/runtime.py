@@ -29,16 +29,16 @@ from typing import Any, TypeVar
 
 import redis
 
-from . import store
-from .config import Account, Settings, client_key
-from .errors import ConfigError, ReportError, StoreError
-from .keys import Keys, split_ref
-from .ledger import HEARTBEAT_S, WORKER_TIMEOUT_S, Claim, Ledger, SweepEvent
-from .logs import get_logger, register_secret
-from .metrics import Metrics
-from .ratelimit import Limiter
-from .retries import Policy, Step, next_step
-from .upstream import Outcome, send_report
+from worker.delivery.ratelimit import Limiter
+from worker.delivery.retries import Policy, Step, next_step
+from worker.delivery.upstream import Outcome, send_report
+from worker.errors import ConfigError, ReportError, StoreError
+from worker.observability.logs import get_logger, register_secret
+from worker.observability.metrics import Metrics
+from worker.settings import Account, Settings, client_key
+from worker.store import connection as store
+from worker.store.keys import Keys, split_ref
+from worker.store.ledger import HEARTBEAT_S, WORKER_TIMEOUT_S, Claim, Ledger, SweepEvent
 
 log = get_logger("worker.runtime")
 

@@ -18,8 +18,8 @@ Reports arriving together are queued in one Redis round trip (natural batching: 
 one enqueue is in flight the next ones gather), so producers never wait on each other.
 
 A raw ASGI app on uvicorn (uvloop + httptools), chosen by bench/intake.py; the deadlines
-and connection caps around it are in :mod:`worker.intake_server`, the reading and checking
-of bodies in :mod:`worker.intake_input`. An exception that is not the client's fault is
+and connection caps around it are in :mod:`worker.intake.server`, the reading and checking
+of bodies in :mod:`worker.intake.input`. An exception that is not the client's fault is
 logged (``intake.failed``) and answered 500 ``ERROR_INTERNAL`` — hostile input never gets
 that far.
 """
@@ -41,10 +41,8 @@ import redis
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from . import store
-from .config import Settings, client_key
-from .errors import ReportError
-from .intake_input import (
+from worker.errors import ReportError
+from worker.intake.input import (
     ClientGoneError,
     ItemRefusal,
     Reason,
@@ -57,13 +55,21 @@ from .intake_input import (
     shorten,
     task_id,
 )
-from .intake_server import ConnectionGuard, ConnectionLimits, fitted, raise_fd_limit, uvicorn_config
-from .keys import Keys
-from .ledger import ENQUEUE_SCRIPT, enqueue_args, parse_flags
-from .logs import get_logger, register_secret
-from .messages import list_keys
-from .metrics import Metrics
-from .producer import validate
+from worker.intake.server import (
+    ConnectionGuard,
+    ConnectionLimits,
+    fitted,
+    raise_fd_limit,
+    uvicorn_config,
+)
+from worker.observability.logs import get_logger, register_secret
+from worker.observability.metrics import Metrics
+from worker.producer import validate
+from worker.settings import Settings, client_key
+from worker.store import connection as store
+from worker.store.keys import Keys
+from worker.store.ledger import ENQUEUE_SCRIPT, enqueue_args, parse_flags
+from worker.store.messages import list_keys
 
 log = get_logger("worker.intake")
 
@@ -201,7 +207,7 @@ class Intake:
         self.client: aioredis.Redis | None = None
         self.sync_client: redis.Redis | None = None
         self.batcher: _Batcher | None = None
-        self.page = resources.files("worker").joinpath("status.html").read_bytes()
+        self.page = resources.files("worker.intake").joinpath("status.html").read_bytes()
 
     # -- ASGI --------------------------------------------------------------------------
 
@@ -356,7 +362,7 @@ class Intake:
         return 200, json.dumps(doc).encode(), b"application/json"
 
     async def _stats(self) -> dict[str, Any]:
-        from .stats import snapshot
+        from worker.observability.stats import snapshot
 
         assert self.sync_client is not None
         return await asyncio.to_thread(snapshot, self.sync_client, self.settings)

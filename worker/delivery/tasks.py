@@ -1,4 +1,4 @@
-"""The Celery task: thin. Everything about a report happens in :mod:`worker.runtime`."""
+"""The Celery task: thin. Everything about a report happens in :mod:`worker.delivery.runtime`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import Celery, Task
 
-from .messages import TASK_NAME
+from worker.store.messages import TASK_NAME
 
 
 def register(app: Celery) -> Task[Any, Any]:

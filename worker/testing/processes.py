@@ -15,7 +15,7 @@ from pathlib import Path
 
 import redis
 
-from .embedded import redis_server_binary
+from worker.store.embedded import redis_server_binary
 
 
 def free_port() -> int:

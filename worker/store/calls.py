@@ -19,6 +19,6 @@ def call(fn: Callable[..., T], *args: Any, on: redis.Redis | None = None, **kwar
     try:
         return fn(*args, **kwargs)
     except redis.RedisError as exc:
-        from .store import describe_client, translate  # imported only on failure
+        from worker.store.connection import describe_client, translate  # imported only on failure
 
         raise translate(exc, describe_client(on) if on is not None else None) from exc

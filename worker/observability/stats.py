@@ -11,12 +11,12 @@ from typing import Any
 
 import redis
 
-from .config import Settings
-from .deadletter import REASONS
-from .keys import Keys, split_ref
-from .ledger import WORKER_TIMEOUT_S
-from .messages import list_keys
-from .ratelimit import Limiter
+from worker.settings import Settings
+from worker.store import limits
+from worker.store.deadletters import REASONS
+from worker.store.keys import Keys, split_ref
+from worker.store.ledger import WORKER_TIMEOUT_S
+from worker.store.messages import list_keys
 
 WINDOWS_MIN = (1, 5, 15)
 SPARK_SECONDS = 60
@@ -64,7 +64,6 @@ def snapshot(
     """Everything ``report-forwarder stats`` shows, as one JSON-able document."""
     now = time.time() if now is None else now
     keys = Keys(settings.key_prefix)
-    limiter = Limiter(client, keys, margin_s=settings.ratelimit_margin_s)
     urgent, normal = list_keys(settings.queue)
     pipe = client.pipeline(transaction=False)
     pipe.llen(urgent)
@@ -153,7 +152,10 @@ def snapshot(
         "per_second_last_60s": [int(v or 0) for v in per_second],
         "paused_accounts": paused_accounts,
         "accounts": {
-            name: {"provider": a.provider.name, **limiter.usage(a)}
+            name: {
+                "provider": a.provider.name,
+                **limits.usage(client, keys, a, settings.ratelimit_margin_s),
+            }
             for name, a in settings.accounts.items()
         },
     }

@@ -17,9 +17,15 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from . import embedded
-from .config import Settings, mask_url
-from .errors import ConfigError, ForwarderError, StoreError, StoreFullError, StoreUnreachableError
+from worker.errors import (
+    ConfigError,
+    ForwarderError,
+    StoreError,
+    StoreFullError,
+    StoreUnreachableError,
+)
+from worker.settings import Settings, mask_url
+from worker.store import embedded
 
 T = TypeVar("T")
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from .captcha_types import CaptchaType, CaptchaTypes
-from .errors import ConfigError, ReportError
+from worker.errors import ConfigError, ReportError
+from worker.settings.captcha_types import CaptchaType, CaptchaTypes
 
 DEFAULT_FILES = ("report-forwarder.toml", "providers.toml", "captcha-types.toml")
 ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

@@ -13,8 +13,8 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
-from .config import MIN_BACKOFF_S
-from .upstream import Outcome
+from worker.delivery.upstream import Outcome
+from worker.settings import MIN_BACKOFF_S
 
 LAST_CHANCE_MARGIN_S = 1.0
 

@@ -17,10 +17,10 @@ from typing import Any
 import celery.apps.worker
 from celery import Celery, bootsteps, signals
 
-from . import store
-from .messages import TASK_NAME
-from .runtime import Runtime
-from .tasks import register
+from worker.delivery.runtime import Runtime
+from worker.delivery.tasks import register
+from worker.store import connection as store
+from worker.store.messages import TASK_NAME
 
 # the runtimes of the workers running in this process (tests run several)
 _RUNNING: weakref.WeakSet[Runtime] = weakref.WeakSet()
@@ -67,7 +67,7 @@ def _shutting_down(**_kwargs: Any) -> None:
 
 @signals.setup_logging.connect
 def _keep_our_logging(**_kwargs: Any) -> None:
-    """Connected so Celery leaves logging to :mod:`worker.logs` (no hijacked root logger)."""
+    """Connected so Celery leaves logging to :mod:`worker.observability.logs` (no root hijack)."""
 
 
 def _banner_as_log_line(log_format: str) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import redis
 
-from .errors import ConfigError, StoreError
+from worker.errors import ConfigError, StoreError
 
 SOCKET_NAME = "redis.sock"
 MAX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux, leave room

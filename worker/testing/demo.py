@@ -19,13 +19,13 @@ from typing import Any
 
 import click
 
-from . import store
-from .config import load_settings
-from .keys import Keys
-from .logs import configure as configure_logging
-from .messages import list_keys
-from .producer import Producer
-from .sandbox import Rule, Sandbox
+from worker.observability.logs import configure as configure_logging
+from worker.producer import Producer
+from worker.settings import load_settings
+from worker.store import connection as store
+from worker.store.keys import Keys
+from worker.store.messages import list_keys
+from worker.testing.sandbox import Rule, Sandbox
 
 DEMO_PREFIX = "rf-demo"
 DEMO_QUEUE = "reports-demo"
@@ -78,8 +78,8 @@ def _clear_namespace(client: Any) -> None:
 def run_demo(config_path: str | None, reports: int, concurrency: int, verbose: bool) -> int:
     from celery.contrib.testing.worker import start_worker
 
-    from .celery_app import create_app, worker_options
-    from .runtime import Runtime
+    from worker.delivery.celery_app import create_app, worker_options
+    from worker.delivery.runtime import Runtime
 
     base = load_settings(config_path)
     configure_logging(base.log_format, "INFO" if verbose else "ERROR", cache=False)
@@ -167,7 +167,7 @@ def _wait(runtime: Any, total: int, started: float, out: Any) -> bool:
 
 
 def _summary(runtime: Any, sandbox: Sandbox, total: int, elapsed: float, out: Any) -> None:
-    from .deadletter import DeadLetters
+    from worker.store.deadletters import DeadLetters
 
     keys = Keys(runtime.settings.key_prefix)
     letters = list(DeadLetters(runtime.client, keys).iter())

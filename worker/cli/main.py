@@ -25,21 +25,30 @@ from typing import IO, Any, NoReturn
 import click
 import redis
 
-from . import __version__, embedded, store
-from .config import MAX_CONCURRENCY, Settings, abbreviate, client_key, load_settings
-from .deadletter import REASONS, DeadLetters, Filters, check_reason, parse_age, replay
-from .errors import ConfigError, ForwarderError, ReportError, StoreError, StoreUnreachableError
-from .keys import Keys
-from .logs import configure as configure_logging
-from .logs import get_logger
-from .producer import (
+from worker import __version__
+from worker.errors import (
+    ConfigError,
+    ForwarderError,
+    ReportError,
+    StoreError,
+    StoreUnreachableError,
+)
+from worker.observability.logs import configure as configure_logging
+from worker.observability.logs import get_logger
+from worker.producer import (
     BULK_PER_MESSAGE,
     Producer,
     fields,
     parse_task_id,
     refusal_reason,
+    replay,
     short_error,
 )
+from worker.settings import MAX_CONCURRENCY, Settings, abbreviate, client_key, load_settings
+from worker.store import connection as store
+from worker.store import embedded
+from worker.store.deadletters import REASONS, DeadLetters, Filters, check_reason, parse_age
+from worker.store.keys import Keys
 
 EXIT_REFUSED, EXIT_CONFIG, EXIT_REDIS = 1, 2, 3
 
@@ -184,9 +193,9 @@ def worker(
     remote_control: bool,
 ) -> None:
     """Run a worker: deliver queued reports until stopped (SIGTERM: finish in-flight ones)."""
-    from .celery_app import create_app, worker_options
-    from .metrics import Metrics
-    from .runtime import Runtime
+    from worker.delivery.celery_app import create_app, worker_options
+    from worker.delivery.runtime import Runtime
+    from worker.observability.metrics import Metrics
 
     settings = _state().settings
     _logging(settings, cache=True)
@@ -699,7 +708,7 @@ def accounts() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def accounts_list(as_json: bool) -> None:
     """Accounts, their provider, limit, and whether they are paused."""
-    from .stats import snapshot
+    from worker.observability.stats import snapshot
 
     state = _state()
     snap = snapshot(state.client, state.settings)
@@ -733,7 +742,7 @@ def accounts_list(as_json: bool) -> None:
 @click.argument("name")
 def accounts_resume(name: str) -> None:
     """Lift an account's pause now (after fixing its key or balance)."""
-    from .ledger import Ledger
+    from worker.store.ledger import Ledger
 
     state = _state()
     state.settings.account(name)
@@ -754,7 +763,7 @@ def accounts_resume(name: str) -> None:
 @click.option("--watch", is_flag=True, help="Redraw every second until Ctrl-C.")
 def stats(as_json: bool, watch: bool) -> None:
     """Throughput, backlog, oldest queued age, dead letters, paused accounts."""
-    from .stats import snapshot
+    from worker.observability.stats import snapshot
 
     state = _state()
     if as_json or not watch:
@@ -774,7 +783,7 @@ def stats(as_json: bool, watch: bool) -> None:
 
 def _watch_frame(client: redis.Redis, state: _State) -> str:
     """One redraw of ``stats --watch``: the numbers, or why Redis gave none this time."""
-    from .stats import snapshot
+    from worker.observability.stats import snapshot
 
     try:
         return _render_stats(snapshot(client, state.settings))
@@ -924,7 +933,7 @@ def _mask(key: str | None) -> str:
 )
 def sandbox(host: str, port: int, latency_ms: float, profile: str) -> None:
     """Run the local double of the captcha API's report endpoints (for tests and demos)."""
-    from .sandbox import serve
+    from worker.testing.sandbox import serve
 
     serve(host, port, latency_ms=latency_ms, profile=profile)
 
@@ -1001,9 +1010,9 @@ def serve(
 ) -> None:
     """Run the HTTP intake: a CapMonster-compatible report endpoint, bulk JSON, health,
     metrics and a live status page."""
-    from .intake import clean_token, is_loopback
-    from .intake import serve as run
-    from .intake_server import ConnectionLimits
+    from worker.intake import clean_token, is_loopback
+    from worker.intake import serve as run
+    from worker.intake.server import ConnectionLimits
 
     settings = _state().settings
     if not is_loopback(host) and clean_token(token) is None and not insecure_no_token:
@@ -1052,6 +1061,6 @@ def redis_stop() -> None:
 @click.option("--verbose", "-v", is_flag=True, help="Show every outcome's log line.")
 def demo(reports: int, concurrency: int, verbose: bool) -> None:
     """The whole pipeline on embedded defaults: Redis, sandbox API, worker; no key needed."""
-    from .demo import run_demo
+    from worker.testing.demo import run_demo
 
     sys.exit(run_demo(_state().config_path, reports, concurrency, verbose))
