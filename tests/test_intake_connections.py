@@ -146,10 +146,12 @@ def test_an_idle_keep_alive_connection_is_closed(make_server: Any) -> None:
     keep-alive deadline; one that keeps sending requests is not."""
     server = make_server(SHORT)
     with server.connect() as sock:
-        for task_id in (1, 2, 3):
+        task_id, busy_until = 0, time.monotonic() + 1.5  # five times each deadline
+        while time.monotonic() < busy_until:
+            task_id += 1
             sock.sendall(report_request(task_id))
             answer = sock.recv(65536)
-            assert answer.startswith(b"HTTP/1.1 200 "), answer
+            assert answer.startswith(b"HTTP/1.1 200 "), (task_id, answer)
         assert b"" == read_until_closed(sock)
     wait_until(lambda: server.metric(TIMED_OUT, phase="keep_alive") == 1)
     assert 0 == server.metric(TIMED_OUT, phase="headers")
