@@ -383,3 +383,36 @@ def test_last_reports_finish_closes_its_message_in_the_same_round_trip(
     assert 0 == redis_client.zcard(keys.started)
     _, refs = _pop(redis_client, "reports")
     assert ["default:7"] == refs
+
+
+def test_scripts_are_files_with_their_interface_in_a_header() -> None:
+    """Every script ships as a .lua file whose header names its KEYS and ARGV (the shared
+    parts excepted), and binds ARGV to named locals before anything else runs."""
+    import re
+    from importlib import resources
+
+    from worker.store import scripts
+
+    folder = resources.files("worker.store").joinpath("lua")
+    names = sorted(p.name[:-4] for p in folder.iterdir() if p.name.endswith(".lua"))
+    assert {"prelude", "ratelimit", "enqueue", "claim", "finish", "sweep"} <= set(names)
+    for name in names:
+        text = folder.joinpath(f"{name}.lua").read_text()
+        if name in ("prelude", "ratelimit"):
+            continue
+        assert "-- KEYS:" in text and "-- ARGV:" in text, name
+        body = text.split("guard()", 1)[-1] if "guard()" in text else ""
+        assert not re.search(r"ARGV\[\d+\]", body), f"{name}: ARGV used past the header"
+        assert scripts.source(name).endswith(text)
+
+
+def test_a_redis_older_than_the_scripts_need_is_refused_clearly() -> None:
+    """Redis 6.0 lacks ZRANGE … BYSCORE: the worker says so at start-up (exit 2), naming
+    the version found and the one needed."""
+    from worker.errors import ConfigError
+    from worker.store import scripts
+
+    scripts.require_version({"redis_version": "6.2.14"}, "redis://x")
+    scripts.require_version({"redis_version": "7.0.15"}, "redis://x")
+    with pytest.raises(ConfigError, match=r"version 6\.0\.9; report-forwarder needs 6\.2"):
+        scripts.require_version({"redis_version": "6.0.9"}, "redis://x")

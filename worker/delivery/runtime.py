@@ -36,7 +36,9 @@ from worker.errors import ConfigError, ReportError, StoreError
 from worker.observability.logs import get_logger, register_secret
 from worker.observability.metrics import Metrics
 from worker.settings import Account, Settings, client_key
+from worker.store import calls as guarded
 from worker.store import connection as store
+from worker.store import scripts
 from worker.store.keys import Keys, split_ref
 from worker.store.ledger import HEARTBEAT_S, WORKER_TIMEOUT_S, Claim, Ledger, SweepEvent
 
@@ -104,6 +106,16 @@ class Runtime:
         self._store_logged = 0.0
         self._sweeper: Sweeper | None = None
         self._heartbeat: Heartbeat | None = None
+        self._check_redis_version()
+
+    def _check_redis_version(self) -> None:
+        """ConfigError (exit 2) on a Redis too old for the scripts; if Redis cannot be asked
+        now, the worker starts anyway and keeps trying to reach it."""
+        try:
+            info = guarded.call(self.client.info, "server", on=self.client)
+        except StoreError:
+            return
+        scripts.require_version(info, store.describe(self.redis_url))
 
     # -- lifecycle -------------------------------------------------------------------------
 
