@@ -400,7 +400,8 @@ def test_scripts_are_files_with_their_interface_in_a_header() -> None:
         text = folder.joinpath(f"{name}.lua").read_text()
         if name in ("prelude", "ratelimit"):
             continue
-        assert "-- KEYS:" in text and "-- ARGV:" in text, name
+        assert "-- KEYS:" in text, name
+        assert "-- ARGV:" in text, name
         body = text.split("guard()", 1)[-1] if "guard()" in text else ""
         assert not re.search(r"ARGV\[\d+\]", body), f"{name}: ARGV used past the header"
         assert scripts.source(name).endswith(text)
