@@ -12,15 +12,14 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import signal
-import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from http import HTTPStatus
-from typing import Any, cast
+from typing import Any
+
+from worker.testing.sandbox_server import Answer, HttpServer, json_answer
 
 # CapMonster (image, token), the Recaptcha/Hcaptcha aliases (also Anti-Captcha's), 2Captcha v2.
 REPORT_PATHS = frozenset(
@@ -32,9 +31,6 @@ REPORT_PATHS = frozenset(
         "/reportIncorrect",
     }
 )
-MAX_BODY = 64 * 1024
-MAX_HEAD = 16 * 1024
-_MAX_DISCARD = 16 * 1024 * 1024  # read and drop a refused body up to this size, then close
 _SUCCESS = b'{"errorId": 0, "status": "success"}'
 # Which API the sandbox plays: its report paths, and the numeric errorId of each error code
 # (CapMonster answers errorId 1 for every error; Anti-Captcha and 2Captcha number them).
@@ -132,18 +128,6 @@ class RecordedRequest:
 
 
 @dataclass
-class _Answer:
-    status: int
-    body: bytes
-    content_type: str = "application/json"
-    retry_after: float | None = None
-    drop: bool = False
-    error_code: str | None = None
-    outcome: str = "success"
-    delay_s: float = 0.0
-
-
-@dataclass
 class _ScriptedRule:
     rule: Rule
     used: int = 0
@@ -156,38 +140,28 @@ class _State:
     log: list[RecordedRequest] = field(default_factory=list)
 
 
-class _BadRequestError(Exception):
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
-
-
-def _json_answer(status: int, payload: object) -> _Answer:
-    return _Answer(status, json.dumps(payload).encode(), outcome=f"http_{status}")
-
-
-def _error_answer(status: int, code: str, ids: dict[str, int] | None = None) -> _Answer:
+def _error_answer(status: int, code: str, ids: dict[str, int] | None = None) -> Answer:
     description = _DESCRIPTIONS.get(code, "Scripted error from the report-forwarder sandbox")
     payload = {
         "errorId": (ids or {}).get(code, 1),
         "errorCode": code,
         "errorDescription": description,
     }
-    return _Answer(status, json.dumps(payload).encode(), error_code=code, outcome=code)
+    return Answer(status, json.dumps(payload).encode(), error_code=code, outcome=code)
 
 
-def _rule_answer(rule: Rule, ids: dict[str, int]) -> _Answer:
+def _rule_answer(rule: Rule, ids: dict[str, int]) -> Answer:
     if rule.drop:
-        return _Answer(0, b"", drop=True, outcome="dropped")
+        return Answer(0, b"", drop=True, outcome="dropped")
     if rule.error_code is not None:
         answer = _error_answer(rule.http_status, rule.error_code, ids)
     elif rule.body is not None:
-        answer = _Answer(rule.http_status, rule.body.encode(), "text/html")
+        answer = Answer(rule.http_status, rule.body.encode(), "text/html")
         answer.outcome = f"http_{rule.http_status}"
     elif rule.http_status != 200:  # no usable body: the client must go by the status alone
-        answer = _Answer(rule.http_status, b"", "text/plain", outcome=f"http_{rule.http_status}")
+        answer = Answer(rule.http_status, b"", "text/plain", outcome=f"http_{rule.http_status}")
     else:
-        answer = _Answer(200, _SUCCESS)
+        answer = Answer(200, _SUCCESS)
     answer.retry_after = rule.retry_after
     return answer
 
@@ -239,152 +213,6 @@ def _latency_from_json(obj: object) -> float:
     return ms
 
 
-def _parse_head(head: bytes) -> tuple[str, str, bool, int]:
-    """Method, path (query dropped), keep-alive, Content-Length from a request head."""
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise _BadRequestError(400)
-    method, target, version = parts
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise _BadRequestError(400)
-        headers[name.strip().lower()] = value.strip()
-    connection = headers.get("connection", "").lower()
-    keep_alive = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
-    length_text = headers.get("content-length")
-    if "transfer-encoding" in headers or (length_text is None and method == "POST"):
-        raise _BadRequestError(411)
-    if length_text is None:
-        return method, target.partition("?")[0], keep_alive, 0
-    if not (length_text.isascii() and length_text.isdigit()):
-        raise _BadRequestError(400)
-    return method, target.partition("?")[0], keep_alive, int(length_text)
-
-
-def _encode(answer: _Answer, keep_alive: bool) -> bytes:
-    try:
-        reason = HTTPStatus(answer.status).phrase
-    except ValueError:
-        reason = "Unknown"
-    head = (
-        f"HTTP/1.1 {answer.status} {reason}\r\nContent-Type: {answer.content_type}\r\n"
-        f"Content-Length: {len(answer.body)}\r\n"
-    )
-    if answer.retry_after is not None:
-        ra = answer.retry_after
-        head += f"Retry-After: {int(ra) if float(ra).is_integer() else ra}\r\n"
-    if not keep_alive:
-        head += "Connection: close\r\n"
-    return head.encode("latin-1") + b"\r\n" + answer.body
-
-
-class _Connection(asyncio.Protocol):
-    """One client connection: parses pipelined requests and answers them in order."""
-
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sandbox = sandbox
-        self._buffer = bytearray()
-        self._transport: asyncio.Transport | None = None
-        self._pending: asyncio.Task[None] | None = None  # a delayed answer holds the line
-        self._discard = 0
-        self._closed = False
-        self._received_at = (0.0, 0.0)  # time.time(), time.monotonic() of the last bytes read
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-        self._sandbox.connections_accepted += 1
-        self._sandbox._connections.add(self)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
-        self._sandbox._connections.discard(self)
-        if self._pending is not None:
-            self._pending.cancel()
-
-    def abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
-
-    def data_received(self, data: bytes) -> None:
-        if self._discard:
-            self._discard -= min(self._discard, len(data))
-            if not self._discard:
-                self._close()
-            return
-        self._received_at = (time.time(), time.monotonic())
-        self._buffer += data
-        if self._pending is not None and len(self._buffer) > MAX_HEAD + MAX_BODY:
-            cast(asyncio.Transport, self._transport).pause_reading()  # a flood behind a delay
-        self._process()
-
-    def _process(self) -> None:
-        while self._pending is None and not self._closed:
-            end = self._buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self._buffer) > MAX_HEAD:
-                    self._refuse(431, 0)
-                return
-            try:
-                method, path, keep_alive, length = _parse_head(bytes(self._buffer[:end]))
-            except _BadRequestError as exc:
-                self._refuse(exc.status, 0)
-                return
-            start = end + 4
-            if length > MAX_BODY:
-                self._refuse(413, length - (len(self._buffer) - start))
-                return
-            if len(self._buffer) < start + length:
-                return
-            body = bytes(self._buffer[start : start + length])
-            del self._buffer[: start + length]
-            answer = self._sandbox._answer(method, path, body, self._received_at)
-            if answer.delay_s > 0:
-                self._pending = asyncio.get_running_loop().create_task(
-                    self._deliver_later(answer, keep_alive)
-                )
-            else:
-                self._deliver(answer, keep_alive)
-
-    async def _deliver_later(self, answer: _Answer, keep_alive: bool) -> None:
-        await asyncio.sleep(answer.delay_s)
-        self._pending = None
-        if self._transport is not None and not self._closed:
-            self._transport.resume_reading()
-        self._deliver(answer, keep_alive)
-        self._process()
-
-    def _deliver(self, answer: _Answer, keep_alive: bool) -> None:
-        if self._closed or self._transport is None:
-            return
-        if answer.drop:
-            self._close()
-            return
-        self._transport.write(_encode(answer, keep_alive))
-        if not keep_alive:
-            self._close()
-
-    def _refuse(self, status: int, unread_body: int) -> None:
-        """Answer a request we cannot frame or accept, then close (after draining its body)."""
-        if self._transport is None:
-            return
-        self._transport.write(
-            _encode(_json_answer(status, {"error": HTTPStatus(status).phrase}), False)
-        )
-        self._buffer.clear()
-        if 0 < unread_body <= _MAX_DISCARD:
-            self._discard = unread_body  # closing with unread data would reset the answer away
-        else:
-            self._close()
-
-    def _close(self) -> None:
-        self._closed = True
-        if self._transport is not None:
-            self._transport.close()
-
-
 class Sandbox:
     """The API double; ``start()`` runs it on its own event loop in a daemon thread."""
 
@@ -401,46 +229,21 @@ class Sandbox:
             raise ValueError(f"unknown sandbox profile {profile!r}; known: {', '.join(PROFILES)}")
         self.profile = profile
         self._paths, self._error_ids = PROFILES[profile]
-        self.host = host
-        self._requested_port = port
         self._keys = frozenset(keys) if keys is not None else None
         self._lock = threading.Lock()
         self._logged = threading.Condition(self._lock)
         self._state = _State(latency_ms=latency_ms)
         self._initial_latency_ms = latency_ms
-        self._port: int | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._server: asyncio.Server | None = None
-        self._connections: set[_Connection] = set()
-        self.connections_accepted = 0
+        self._http = HttpServer(host, port, self._answer)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> Sandbox:
-        if self._thread is not None:
-            raise RuntimeError("sandbox already started")
-        ready = threading.Event()
-        failure: list[BaseException] = []
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._run, args=(ready, failure), name="sandbox", daemon=True
-        )
-        self._thread.start()
-        ready.wait()
-        if failure:
-            self._thread.join()
-            self._thread = None
-            raise failure[0]
+        self._http.start()
         return self
 
     def stop(self) -> None:
-        thread, loop = self._thread, self._loop
-        if thread is None or loop is None or not thread.is_alive():
-            return
-        with contextlib.suppress(RuntimeError):  # loop already closed
-            loop.call_soon_threadsafe(loop.stop)
-        thread.join()
+        self._http.stop()
 
     def __enter__(self) -> Sandbox:
         return self.start()
@@ -449,66 +252,24 @@ class Sandbox:
         self.stop()
 
     @property
+    def host(self) -> str:
+        return self._http.host
+
+    @property
     def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError("sandbox not started")
-        return self._port
+        return self._http.port
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return self._http.url
 
-    def _run(self, ready: threading.Event, failure: list[BaseException]) -> None:
-        loop = cast(asyncio.AbstractEventLoop, self._loop)
-        asyncio.set_event_loop(loop)
-        try:
-            try:
-                loop.run_until_complete(self._listen())
-            except BaseException as exc:  # handed to start(), in the caller's thread
-                failure.append(exc)
-                return
-            finally:
-                ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self._shutdown())
-        finally:
-            loop.close()
-
-    async def _listen(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _Connection(self), self.host, self._requested_port, backlog=1024
-        )
-        self._port = int(self._server.sockets[0].getsockname()[1])
-
-    async def _shutdown(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for connection in list(self._connections):
-            connection.abort()
-        await asyncio.sleep(0)  # let connection_lost run
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
+    @property
+    def connections_accepted(self) -> int:
+        return self._http.connections_accepted
 
     async def serve_until_signal(self) -> None:
         """Run in the current event loop until SIGINT/SIGTERM (see :func:`serve`)."""
-        loop = asyncio.get_running_loop()
-        self._loop = loop
-        await self._listen()
-        stopping = asyncio.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):  # Windows: Ctrl-C still interrupts
-                loop.add_signal_handler(signum, stopping.set)
-        print(f"sandbox listening on {self.url}", file=sys.stderr, flush=True)
-        try:
-            await stopping.wait()
-        finally:
-            await self._shutdown()
+        await self._http.serve_until_signal()
 
     # -- scripting -------------------------------------------------------------------------------
 
@@ -580,7 +341,7 @@ class Sandbox:
 
     def _answer(
         self, method: str, path: str, body: bytes, received_at: tuple[float, float]
-    ) -> _Answer:
+    ) -> Answer:
         if path.startswith("/_sandbox/"):
             return self._control(method, path, body)
         at, arrived = received_at
@@ -610,7 +371,7 @@ class Sandbox:
         elif task_id is None:
             answer = _error_answer(200, "ERROR_NO_SUCH_CAPCHA_ID", ids)
         else:
-            answer = _Answer(200, _SUCCESS)
+            answer = Answer(200, _SUCCESS)
         answer.delay_s = latency_ms / 1000
         record = RecordedRequest(
             at, arrived, path, task_id, key, body, answer.status, answer.error_code, answer.outcome
@@ -620,8 +381,8 @@ class Sandbox:
             self._logged.notify_all()
         return answer
 
-    def _control(self, method: str, path: str, body: bytes) -> _Answer:
-        ok = _json_answer(200, {"ok": True})
+    def _control(self, method: str, path: str, body: bytes) -> Answer:
+        ok = json_answer(200, {"ok": True})
         try:
             if (method, path) == ("POST", "/_sandbox/rules"):
                 self.add_rule(rule_from_json(json.loads(body)))
@@ -636,12 +397,12 @@ class Sandbox:
                 self.reset()
                 return ok
             if (method, path) == ("GET", "/_sandbox/requests"):
-                return _json_answer(200, [r.to_json() for r in self.requests()])
+                return json_answer(200, [r.to_json() for r in self.requests()])
             if (method, path) == ("GET", "/_sandbox/stats"):
-                return _json_answer(200, self.stats())
+                return json_answer(200, self.stats())
         except (ValueError, TypeError) as exc:
-            return _json_answer(400, {"error": str(exc)})
-        return _json_answer(404, {"error": f"no sandbox control {method} {path}"})
+            return json_answer(400, {"error": str(exc)})
+        return json_answer(404, {"error": f"no sandbox control {method} {path}"})
 
 
 def serve(
