@@ -19,45 +19,18 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker.testing.sandbox_profiles import PROFILES, REPORT_PATHS, SUCCESS, Profile
 from worker.testing.sandbox_server import Answer, HttpServer, json_answer
 
-# CapMonster (image, token), the Recaptcha/Hcaptcha aliases (also Anti-Captcha's), 2Captcha v2.
-REPORT_PATHS = frozenset(
-    {
-        "/reportIncorrectImageCaptcha",
-        "/reportIncorrectTokenCaptcha",
-        "/reportIncorrectRecaptcha",
-        "/reportIncorrectHcaptcha",
-        "/reportIncorrect",
-    }
-)
-_SUCCESS = b'{"errorId": 0, "status": "success"}'
-# Which API the sandbox plays: its report paths, and the numeric errorId of each error code
-# (CapMonster answers errorId 1 for every error; Anti-Captcha and 2Captcha number them).
-_NUMBERED = {
-    "ERROR_KEY_DOES_NOT_EXIST": 1, "ERROR_NO_SLOT_AVAILABLE": 2, "ERROR_ZERO_BALANCE": 10,
-    "ERROR_IP_NOT_ALLOWED": 11, "ERROR_CAPTCHA_UNSOLVABLE": 12, "ERROR_NO_SUCH_METHOD": 14,
-    "ERROR_NO_SUCH_CAPCHA_ID": 16, "ERROR_IP_BLOCKED": 21, "ERROR_TOO_MUCH_REQUESTS": 29,
-}  # fmt: skip
-PROFILES: dict[str, tuple[frozenset[str], dict[str, int]]] = {
-    "any": (REPORT_PATHS, {}),
-    "capmonster": (
-        frozenset({"/reportIncorrectImageCaptcha", "/reportIncorrectTokenCaptcha",
-                   "/reportIncorrectRecaptcha", "/reportIncorrectHcaptcha"}),
-        {},
-    ),
-    "anticaptcha": (
-        frozenset({"/reportIncorrectImageCaptcha", "/reportIncorrectRecaptcha",
-                   "/reportIncorrectHcaptcha"}),
-        _NUMBERED,
-    ),
-    "twocaptcha": (frozenset({"/reportIncorrect"}), _NUMBERED),
-}  # fmt: skip
-_DESCRIPTIONS = {
-    "ERROR_KEY_DOES_NOT_EXIST": "Account authorization key not found in the system",
-    "ERROR_NO_SUCH_CAPCHA_ID": "Captcha with such ID was not found in the system",
-    "ERROR_NO_SUCH_METHOD": "Request to API made with method which does not exist",
-}
+__all__ = [
+    "PROFILES",
+    "REPORT_PATHS",
+    "RecordedRequest",
+    "Rule",
+    "Sandbox",
+    "rule_from_json",
+    "serve",
+]
 
 
 @dataclass(frozen=True)
@@ -140,28 +113,18 @@ class _State:
     log: list[RecordedRequest] = field(default_factory=list)
 
 
-def _error_answer(status: int, code: str, ids: dict[str, int] | None = None) -> Answer:
-    description = _DESCRIPTIONS.get(code, "Scripted error from the report-forwarder sandbox")
-    payload = {
-        "errorId": (ids or {}).get(code, 1),
-        "errorCode": code,
-        "errorDescription": description,
-    }
-    return Answer(status, json.dumps(payload).encode(), error_code=code, outcome=code)
-
-
-def _rule_answer(rule: Rule, ids: dict[str, int]) -> Answer:
+def _rule_answer(rule: Rule, profile: Profile) -> Answer:
     if rule.drop:
         return Answer(0, b"", drop=True, outcome="dropped")
     if rule.error_code is not None:
-        answer = _error_answer(rule.http_status, rule.error_code, ids)
+        answer = profile.error(rule.http_status, rule.error_code)
     elif rule.body is not None:
         answer = Answer(rule.http_status, rule.body.encode(), "text/html")
         answer.outcome = f"http_{rule.http_status}"
     elif rule.http_status != 200:  # no usable body: the client must go by the status alone
         answer = Answer(rule.http_status, b"", "text/plain", outcome=f"http_{rule.http_status}")
     else:
-        answer = Answer(200, _SUCCESS)
+        answer = Answer(200, SUCCESS)
     answer.retry_after = rule.retry_after
     return answer
 
@@ -228,7 +191,7 @@ class Sandbox:
         if profile not in PROFILES:
             raise ValueError(f"unknown sandbox profile {profile!r}; known: {', '.join(PROFILES)}")
         self.profile = profile
-        self._paths, self._error_ids = PROFILES[profile]
+        self._profile = PROFILES[profile]
         self._keys = frozenset(keys) if keys is not None else None
         self._lock = threading.Lock()
         self._logged = threading.Condition(self._lock)
@@ -347,9 +310,10 @@ class Sandbox:
         at, arrived = received_at
         key, task_id = _parse_report(body)
         rule: Rule | None = None
+        profile = self._profile
         with self._lock:
             latency_ms = self._state.latency_ms
-            if path in self._paths and method == "POST":
+            if path in profile.paths and method == "POST":
                 for scripted in self._state.rules:
                     limit = scripted.rule.times
                     if (limit is None or scripted.used < limit) and scripted.rule.matches(
@@ -358,20 +322,19 @@ class Sandbox:
                         scripted.used += 1
                         rule = scripted.rule
                         break
-        ids = self._error_ids
-        if path not in self._paths:
-            answer = _error_answer(404, "ERROR_NO_SUCH_METHOD", ids)
+        if path not in profile.paths:
+            answer = profile.error(404, "ERROR_NO_SUCH_METHOD")
         elif method != "POST":
-            answer = _error_answer(405, "ERROR_NO_SUCH_METHOD", ids)
+            answer = profile.error(405, "ERROR_NO_SUCH_METHOD")
         elif rule is not None:
-            answer = _rule_answer(rule, ids)
+            answer = _rule_answer(rule, profile)
             latency_ms += rule.latency_ms
         elif not key or (self._keys is not None and key not in self._keys):
-            answer = _error_answer(200, "ERROR_KEY_DOES_NOT_EXIST", ids)
+            answer = profile.error(200, "ERROR_KEY_DOES_NOT_EXIST")
         elif task_id is None:
-            answer = _error_answer(200, "ERROR_NO_SUCH_CAPCHA_ID", ids)
+            answer = profile.error(200, "ERROR_NO_SUCH_CAPCHA_ID")
         else:
-            answer = Answer(200, _SUCCESS)
+            answer = Answer(200, SUCCESS)
         answer.delay_s = latency_ms / 1000
         record = RecordedRequest(
             at, arrived, path, task_id, key, body, answer.status, answer.error_code, answer.outcome
