@@ -19,7 +19,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.testing.sandbox_profiles import PROFILES, REPORT_PATHS, SUCCESS, Profile
+from worker.testing.sandbox_profiles import PROFILES, REPORT_PATHS, SUCCESS
+from worker.testing.sandbox_rules import (
+    Rule,
+    ScriptedRule,
+    parse_report,
+    rule_answer,
+    rule_from_json,
+    take_rule,
+)
 from worker.testing.sandbox_server import Answer, HttpServer, json_answer
 
 __all__ = [
@@ -31,35 +39,6 @@ __all__ = [
     "rule_from_json",
     "serve",
 ]
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A scripted answer: matches on the non-None criteria, applies to its first ``times`` hits."""
-
-    task_id: int | None = None
-    client_key: str | None = None
-    path: str | None = None
-    error_code: str | None = None
-    http_status: int = 200
-    body: str | None = None
-    retry_after: float | None = None
-    latency_ms: float = 0.0
-    drop: bool = False
-    times: int | None = None
-
-    def __post_init__(self) -> None:
-        if not 100 <= self.http_status <= 599:
-            raise ValueError(f"http_status must be 100..599, got {self.http_status}")
-        if self.latency_ms < 0 or (self.times is not None and self.times < 0):
-            raise ValueError("latency_ms and times must not be negative")
-
-    def matches(self, path: str, client_key: str | None, task_id: int | None) -> bool:
-        return (
-            (self.path is None or self.path == path)
-            and (self.client_key is None or self.client_key == client_key)
-            and (self.task_id is None or self.task_id == task_id)
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,72 +80,10 @@ class RecordedRequest:
 
 
 @dataclass
-class _ScriptedRule:
-    rule: Rule
-    used: int = 0
-
-
-@dataclass
 class _State:
-    rules: list[_ScriptedRule] = field(default_factory=list)
+    rules: list[ScriptedRule] = field(default_factory=list)
     latency_ms: float = 0.0
     log: list[RecordedRequest] = field(default_factory=list)
-
-
-def _rule_answer(rule: Rule, profile: Profile) -> Answer:
-    if rule.drop:
-        return Answer(0, b"", drop=True, outcome="dropped")
-    if rule.error_code is not None:
-        answer = profile.error(rule.http_status, rule.error_code)
-    elif rule.body is not None:
-        answer = Answer(rule.http_status, rule.body.encode(), "text/html")
-        answer.outcome = f"http_{rule.http_status}"
-    elif rule.http_status != 200:  # no usable body: the client must go by the status alone
-        answer = Answer(rule.http_status, b"", "text/plain", outcome=f"http_{rule.http_status}")
-    else:
-        answer = Answer(200, SUCCESS)
-    answer.retry_after = rule.retry_after
-    return answer
-
-
-def _parse_report(body: bytes) -> tuple[str | None, int | None]:
-    """The body's clientKey (a string) and taskId (a positive int), None where unusable."""
-    try:
-        obj = json.loads(body)
-    except ValueError:
-        return None, None
-    if not isinstance(obj, dict):
-        return None, None
-    key, task_id = obj.get("clientKey"), obj.get("taskId")
-    valid_id = isinstance(task_id, int) and not isinstance(task_id, bool) and task_id > 0
-    return (key if isinstance(key, str) else None), (task_id if valid_id else None)
-
-
-_RULE_FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "task_id": (int, type(None)),
-    "client_key": (str, type(None)),
-    "path": (str, type(None)),
-    "error_code": (str, type(None)),
-    "http_status": (int,),
-    "body": (str, type(None)),
-    "retry_after": (int, float, type(None)),
-    "latency_ms": (int, float),
-    "drop": (bool,),
-    "times": (int, type(None)),
-}
-
-
-def rule_from_json(obj: object) -> Rule:
-    """Build a Rule from its JSON form (the control API's body); ValueError names the bad field."""
-    if not isinstance(obj, dict):
-        raise TypeError("a rule must be a JSON object")
-    for name, value in obj.items():
-        allowed = _RULE_FIELD_TYPES.get(name)
-        if allowed is None:
-            raise ValueError(f"unknown rule field {name!r}")
-        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-            raise ValueError(f"bad value for rule field {name!r}: {value!r}")
-    return Rule(**obj)
 
 
 def _latency_from_json(obj: object) -> float:
@@ -238,7 +155,7 @@ class Sandbox:
 
     def add_rule(self, rule: Rule) -> None:
         with self._lock:
-            self._state.rules.append(_ScriptedRule(rule))
+            self._state.rules.append(ScriptedRule(rule))
 
     def clear_rules(self) -> None:
         with self._lock:
@@ -308,26 +225,19 @@ class Sandbox:
         if path.startswith("/_sandbox/"):
             return self._control(method, path, body)
         at, arrived = received_at
-        key, task_id = _parse_report(body)
+        key, task_id = parse_report(body)
         rule: Rule | None = None
         profile = self._profile
         with self._lock:
             latency_ms = self._state.latency_ms
             if path in profile.paths and method == "POST":
-                for scripted in self._state.rules:
-                    limit = scripted.rule.times
-                    if (limit is None or scripted.used < limit) and scripted.rule.matches(
-                        path, key, task_id
-                    ):
-                        scripted.used += 1
-                        rule = scripted.rule
-                        break
+                rule = take_rule(self._state.rules, path, key, task_id)
         if path not in profile.paths:
             answer = profile.error(404, "ERROR_NO_SUCH_METHOD")
         elif method != "POST":
             answer = profile.error(405, "ERROR_NO_SUCH_METHOD")
         elif rule is not None:
-            answer = _rule_answer(rule, profile)
+            answer = rule_answer(rule, profile)
             latency_ms += rule.latency_ms
         elif not key or (self._keys is not None and key not in self._keys):
             answer = profile.error(200, "ERROR_KEY_DOES_NOT_EXIST")
