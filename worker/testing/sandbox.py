@@ -1,9 +1,11 @@
-"""A local double of the captcha API's report endpoints, for tests, the demo and benchmarks.
+"""A local double of the captcha providers' report endpoints, for tests, the demo and benchmarks.
 
-HTTP/1.1 is spoken directly on :class:`asyncio.Protocol` (keep-alive, pipelining, Content-Length
-bodies only) so that the double is never the bottleneck of a benchmark. Answers are scripted with
-:class:`Rule` objects (in process, or over ``/_sandbox/...`` when it runs as a subprocess), and
-every report request is kept in a log of :class:`RecordedRequest`.
+:class:`Sandbox` answers reports as a provider would (:mod:`.sandbox_profiles`: the paths
+of ``config/providers.toml`` and each provider's error shape), unless a scripted
+:class:`Rule` says otherwise (:mod:`.sandbox_rules`), and keeps every report request in a
+log of :class:`RecordedRequest`. Running as a subprocess (:func:`serve`, ``report-forwarder
+sandbox``), it is scripted over ``/_sandbox/...`` (:mod:`.sandbox_control`). The HTTP/1.1
+server underneath is :mod:`.sandbox_server`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker.testing.sandbox_control import PREFIX as CONTROL_PREFIX
+from worker.testing.sandbox_control import control
 from worker.testing.sandbox_profiles import PROFILES, REPORT_PATHS, SUCCESS
 from worker.testing.sandbox_rules import (
     Rule,
@@ -28,7 +32,7 @@ from worker.testing.sandbox_rules import (
     rule_from_json,
     take_rule,
 )
-from worker.testing.sandbox_server import Answer, HttpServer, json_answer
+from worker.testing.sandbox_server import Answer, HttpServer
 
 __all__ = [
     "PROFILES",
@@ -84,13 +88,6 @@ class _State:
     rules: list[ScriptedRule] = field(default_factory=list)
     latency_ms: float = 0.0
     log: list[RecordedRequest] = field(default_factory=list)
-
-
-def _latency_from_json(obj: object) -> float:
-    ms = obj.get("latency_ms") if isinstance(obj, dict) else None
-    if not isinstance(ms, int | float) or isinstance(ms, bool):
-        raise TypeError('expected {"latency_ms": <number>}')
-    return ms
 
 
 class Sandbox:
@@ -222,8 +219,8 @@ class Sandbox:
     def _answer(
         self, method: str, path: str, body: bytes, received_at: tuple[float, float]
     ) -> Answer:
-        if path.startswith("/_sandbox/"):
-            return self._control(method, path, body)
+        if path.startswith(CONTROL_PREFIX):
+            return control(self, method, path, body)
         at, arrived = received_at
         key, task_id = parse_report(body)
         rule: Rule | None = None
@@ -253,29 +250,6 @@ class Sandbox:
             self._state.log.append(record)
             self._logged.notify_all()
         return answer
-
-    def _control(self, method: str, path: str, body: bytes) -> Answer:
-        ok = json_answer(200, {"ok": True})
-        try:
-            if (method, path) == ("POST", "/_sandbox/rules"):
-                self.add_rule(rule_from_json(json.loads(body)))
-                return ok
-            if (method, path) == ("DELETE", "/_sandbox/rules"):
-                self.clear_rules()
-                return ok
-            if (method, path) == ("POST", "/_sandbox/latency"):
-                self.set_latency(_latency_from_json(json.loads(body)))
-                return ok
-            if (method, path) == ("POST", "/_sandbox/reset"):
-                self.reset()
-                return ok
-            if (method, path) == ("GET", "/_sandbox/requests"):
-                return json_answer(200, [r.to_json() for r in self.requests()])
-            if (method, path) == ("GET", "/_sandbox/stats"):
-                return json_answer(200, self.stats())
-        except (ValueError, TypeError) as exc:
-            return json_answer(400, {"error": str(exc)})
-        return json_answer(404, {"error": f"no sandbox control {method} {path}"})
 
 
 def serve(
