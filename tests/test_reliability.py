@@ -11,7 +11,7 @@ import pytest
 import redis
 import structlog
 
-from worker.delivery import runtime
+from worker.delivery import report as runtime  # the per-report steps call next_step
 from worker.delivery.retries import LAST_CHANCE_MARGIN_S, Step, next_step
 from worker.delivery.upstream import Outcome
 from worker.settings import MIN_BACKOFF_S, Settings

@@ -17,38 +17,33 @@ is alive, these are the messages it holds, these are its rate limits) and the sw
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import secrets
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import redis
 
+from worker.delivery.background import Heartbeat, HeldMessages, Sweeper, announce_sweep_event
 from worker.delivery.ratelimit import Limiter
-from worker.delivery.retries import Policy, Step, next_step
-from worker.delivery.upstream import Outcome, send_report
-from worker.errors import ConfigError, ReportError, StoreError
+from worker.delivery.report import MAX_ADMIT_WAIT_S, ReportSteps
+from worker.delivery.retries import Policy
+from worker.errors import ConfigError, StoreError
+from worker.observability import events
 from worker.observability.logs import get_logger, register_secret
 from worker.observability.metrics import Metrics
-from worker.settings import Account, Settings, client_key
+from worker.settings import Settings, client_key
 from worker.store import calls as guarded
 from worker.store import connection as store
 from worker.store import scripts
-from worker.store.keys import Keys, split_ref
-from worker.store.ledger import HEARTBEAT_S, WORKER_TIMEOUT_S, Claim, Ledger, SweepEvent
+from worker.store.keys import Keys
+from worker.store.ledger import WORKER_TIMEOUT_S, Ledger, SweepEvent
 
 log = get_logger("worker.runtime")
 
-# A deferred report is re-queued this long before its rate-limit slot, so that it is back in
-# a worker (through the sweep and the urgent list) in time for it.
-DEFER_LEAD_S = 0.5
-# Longest a thread waits for admission (a cool-down) before deferring the report instead.
-MAX_ADMIT_WAIT_S = 2.0
 # A finished message stays in the heartbeat's held list this long (covers the moment between
 # the task's end and kombu's ack, so a live worker's message is never taken for an orphan).
 HELD_LINGER_S = 5.0
@@ -59,7 +54,7 @@ STORE_RETRY_S = 30.0
 T = TypeVar("T")
 
 
-class Runtime:
+class Runtime(ReportSteps):
     """Everything a worker process needs, built once; thread-safe."""
 
     def __init__(
@@ -73,6 +68,7 @@ class Runtime:
     ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
+        self.announce = events.standard(self.metrics)
         self.redis_url = redis_url
         self.client = client or store.connect(redis_url)
         self.keys = Keys(settings.key_prefix)
@@ -258,232 +254,6 @@ class Runtime:
 
     # -- one report ------------------------------------------------------------------------
 
-    def process(self, ref: str, message_id: str, *, last: bool = False) -> str:
-        """Deliver one report of message ``message_id``; returns what became of it. ``last``:
-        the message's last report, whose outcome also closes the message ("skipped": not)."""
-        account_name, task_id = split_ref(ref)
-        account = self.settings.accounts.get(account_name)
-        limiter_args = self.limiter.claim_args(account) if account is not None else ()
-        claim = self._store(
-            lambda: self.ledger.claim(
-                ref, message_id, self.settings.lease_s, limiter_args, worker=self.worker_id
-            ),
-            "claim",
-        )
-        if isinstance(claim, str):
-            log.debug("report.skipped", task_id=task_id, account=account_name, state=claim)
-            return "skipped"
-        started = time.time()
-        self.metrics.queue_seconds.observe(max(0.0, started - claim.queued_at))
-        ctx: dict[str, Any] = {
-            "task_id": task_id,
-            "captcha_type": claim.captcha_type,
-            "kind": claim.kind,
-            "account": account_name,
-            "queue_ms": max(0, round((started - claim.queued_at) * 1000)),
-        }
-        job = _Job(ref, message_id, claim, ctx, last)
-        if account is None:
-            return self._bury(job, "rejected", "UNKNOWN_ACCOUNT", f"no account {account_name!r}")
-        try:
-            ctype = self.settings.captcha_types.resolve(claim.captcha_type)
-            url = account.endpoint_for(ctype)
-        except ReportError as exc:
-            return self._bury(job, "rejected", "UNSUPPORTED_TYPE", str(exc))
-        ctx["endpoint"] = url
-        if claim.paused_until is not None:
-            until = _iso(claim.paused_until)
-            return self._bury(job, "account_paused", "", f"account paused until {until}")
-        if started >= claim.deadline:
-            return self._bury(job, "expired", "", "deadline passed before it could be sent")
-        key = self.client_keys.get(account.name)
-        if key is None:
-            return self._bury(job, "account_fault", "NO_CLIENT_KEY", f"{account.key_env} unset")
-        waited = self._wait_for_limiter(job, account)
-        if isinstance(waited, str):
-            return waited
-        ctx["ratelimit_wait_ms"] = round(waited * 1000, 1)
-        self.metrics.ratelimit_wait_seconds.labels(account.name).observe(waited)
-        outcome = send_report(
-            url,
-            key,
-            task_id,
-            connect_timeout_s=self.settings.connect_timeout_s,
-            read_timeout_s=self.settings.read_timeout_s,
-            error_codes=account.provider.error_codes,
-        )
-        self.metrics.request_seconds.labels(claim.kind).observe(outcome.duration_s)
-        attempts = claim.attempts + 1
-        step = next_step(
-            outcome, attempts=attempts, deadline=claim.deadline, now=time.time(), policy=self.policy
-        )
-        ctx.update(
-            attempt=attempts,
-            http_status=outcome.http_status,
-            error_code=outcome.error_code or None,
-            duration_ms=round(outcome.duration_s * 1000, 1),
-        )
-        return self._record(job, account, outcome, step, attempts)
-
-    def _wait_for_limiter(self, job: _Job, account: Account) -> float | str:
-        """Hold the thread until the account's limiter admits this report (the seconds it
-        waited, counted from when the report first asked), or defer the report to its
-        slot when that is further away (then: what became of it, "deferred" or "expired")."""
-        claim = job.claim
-        asked = claim.limiter_since or time.time()
-        if claim.limiter == "go":  # planned and admitted in the claim's round trip
-            return 0.0
-        if claim.limiter == "none":
-            return self._bury(job, "expired", "", "no rate-limit slot left before the deadline")
-        if claim.limiter:
-            slot_at = float(claim.limiter)
-        elif claim.planned_slot is not None:
-            slot_at = claim.planned_slot
-        else:
-            slot = self.limiter.plan(account, claim.deadline)
-            if slot.wait_s is None:
-                return self._bury(job, "expired", "", "no rate-limit slot left before the deadline")
-            slot_at = slot.at
-        ahead = slot_at - time.time()
-        if ahead > self.limiter.max_inline_wait_s:
-            self.limiter.throttled(account, ahead)
-            return self._defer(job, due=slot_at - DEFER_LEAD_S, slot=slot_at, since=asked)
-        if ahead > 0:
-            time.sleep(ahead)
-        admitted, wait_s = self.limiter.admit(account, give_up_after_s=MAX_ADMIT_WAIT_S)
-        if not admitted:  # the account is cooling down for a while: come back then
-            return self._defer(job, due=time.time() + wait_s, slot=None, since=asked)
-        return time.time() - asked
-
-    def _defer(self, job: _Job, *, due: float, slot: float | None, since: float) -> str:
-        """Out of this worker until ``due`` (no attempt spent); keeps its reserved slot."""
-        if job.claim.deadline <= due:
-            return self._bury(
-                job, "expired", "", "the rate limit leaves no slot before the deadline"
-            )
-        if self._store(
-            lambda: self.ledger.finish(
-                job.ref,
-                job.message_id,
-                "defer",
-                attempts=job.claim.attempts,
-                due=due,
-                planned_slot=slot,
-                limiter_since=since,
-                done=job.last,
-            ),
-            "finish",
-        ):
-            log.debug("report.deferred", task_id=job.ctx["task_id"], account=job.ctx["account"],
-                      due_in_s=round(due - time.time(), 3))  # fmt: skip
-            return "deferred"
-        return self._superseded(job)
-
-    def _record(
-        self, job: _Job, account: Account, outcome: Outcome, step: Step, attempts: int
-    ) -> str:
-        ctx = job.ctx
-        if outcome.http_status == 429 or outcome.error_code == "ERROR_TOO_MUCH_REQUESTS":
-            cooling = self.limiter.cool_down(account, outcome.retry_after)
-            if cooling is not None:
-                log.warning("ratelimit.pushed_back", account=account.name,
-                            error_code=outcome.error_code, cool_down_s=cooling)  # fmt: skip
-        if step.action == "accepted":
-            field = f"accepted|{ctx['kind']}||{ctx['account']}"
-            self._store(
-                lambda: self.ledger.finish(
-                    job.ref,
-                    job.message_id,
-                    "accepted",
-                    attempts=attempts,
-                    stats_field=field,
-                    done=job.last,
-                ),
-                "finish",
-            )
-            log.info("report.accepted", **ctx)
-            self.metrics.outcome("accepted", claim_kind(ctx), None)
-            return "accepted"
-        if step.action == "retry":
-            field = f"retrying|{ctx['kind']}|{outcome.error_code}|{ctx['account']}"
-            if self._store(
-                lambda: self.ledger.finish(
-                    job.ref,
-                    job.message_id,
-                    "retry",
-                    attempts=attempts,
-                    stats_field=field,
-                    error_code=outcome.error_code,
-                    http_status=outcome.http_status,
-                    error=outcome.detail,
-                    due=step.due,
-                    done=job.last,
-                ),
-                "finish",
-            ):
-                log.info(
-                    "report.retrying", **ctx, delay_s=round(step.delay_s, 2), error=outcome.detail
-                )
-                self.metrics.outcome("retrying", claim_kind(ctx), outcome.error_code)
-                return "retrying"
-            return self._superseded(job)
-        if step.pause_account:
-            self._pause(account, outcome)
-        return self._bury(
-            job,
-            step.reason,
-            outcome.error_code,
-            outcome.detail,
-            attempts=attempts,
-            http_status=outcome.http_status,
-        )
-
-    def _bury(
-        self,
-        job: _Job,
-        reason: str,
-        error_code: str,
-        error: str,
-        *,
-        attempts: int | None = None,
-        http_status: int | None = None,
-    ) -> str:
-        if self._store(
-            lambda: self.ledger.finish(
-                job.ref,
-                job.message_id,
-                "dead",
-                attempts=job.claim.attempts if attempts is None else attempts,
-                error_code=error_code,
-                http_status=http_status,
-                error=error,
-                reason=reason,
-                done=job.last,
-            ),
-            "finish",
-        ):
-            job.ctx.setdefault("error_code", error_code or None)
-            log.warning("report.dead_lettered", **job.ctx, reason=reason, error=error)
-            self.metrics.outcome(reason, claim_kind(job.ctx), error_code)
-            return reason
-        return self._superseded(job)
-
-    def _superseded(self, job: _Job) -> str:
-        log.debug("report.superseded", task_id=job.ctx["task_id"], account=job.ctx["account"])
-        return "superseded"
-
-    def _pause(self, account: Account, outcome: Outcome) -> None:
-        seconds = self.settings.account_pause_s
-        reason = json.dumps({"error_code": outcome.error_code, "at": time.time()})
-        if self._store(lambda: self.ledger.pause(account.name, seconds, reason), "pause"):
-            log.warning(
-                "account.paused",
-                account=account.name,
-                error_code=outcome.error_code,
-                pause_s=seconds,
-                until=_iso(time.time() + seconds),
-            )
-
     def resume(self, account: str) -> bool:
         if self.ledger.resume(account):
             log.info("account.resumed", account=account, by="operator")
@@ -500,154 +270,8 @@ class Runtime:
             worker_timeout_s=WORKER_TIMEOUT_S,
         )
         for event in events:
-            why = _log_sweep_event(event)
-            if event.kind == "poison":
-                kind = ([*event.detail.split("|"), "", "", ""])[2]
-                self.metrics.outcome("poison", kind, None)
-            elif why:
-                self.metrics.recovered.labels(why).inc()
+            announce_sweep_event(event, self.announce)
         return events
-
-
-class _Job:
-    __slots__ = ("claim", "ctx", "last", "message_id", "ref")
-
-    def __init__(
-        self, ref: str, message_id: str, claim: Claim, ctx: dict[str, Any], last: bool
-    ) -> None:
-        self.ref = ref
-        self.message_id = message_id
-        self.claim = claim
-        self.ctx = ctx
-        self.last = last  # the message's last report: its finish closes the message too
-
-
-def claim_kind(ctx: dict[str, Any]) -> str:
-    return str(ctx.get("kind") or "")
-
-
-def _log_sweep_event(event: SweepEvent) -> str | None:
-    """One log line for a sweep event; returns why a report was recovered, if it was."""
-    if event.kind == "resumed":
-        log.info("account.resumed", account=event.subject, by="timer")
-        return None
-    if event.kind == "worker_dead":
-        log.warning("worker.lost", worker=event.subject, silent_s=float(event.detail or 0))
-        return None
-    account, task_id = split_ref(event.subject)
-    if event.kind == "poison":
-        deliveries, ctype, kind = ([*event.detail.split("|"), "", ""])[:3]
-        log.warning(
-            "report.dead_lettered",
-            task_id=task_id,
-            account=account,
-            captcha_type=ctype,
-            kind=kind,
-            reason="poison",
-            deliveries=int(deliveries or 0),
-        )
-        return None
-    if event.kind == "requeued":
-        log.debug("report.requeued", task_id=task_id, account=account)
-        return None
-    if event.kind == "worker_lost":
-        why = "worker lost mid-flight"
-    elif event.kind == "lease_expired":
-        why = "lease expired"
-    else:  # orphaned: "why|new message id"
-        why = event.detail.split("|", 1)[0] or "message orphaned"
-    log.warning("report.recovered", task_id=task_id, account=account, why=why)
-    return why
-
-
-class HeldMessages:
-    """The messages this worker has received and not finished, for its heartbeat. A finished
-    one lingers ``linger_s`` (until kombu's ack has surely landed)."""
-
-    def __init__(self, linger_s: float) -> None:
-        self.linger_s = linger_s
-        self._items: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def add(self, message_id: str) -> None:
-        with self._lock:
-            self._items[message_id] = math.inf
-
-    def finish(self, message_id: str) -> None:
-        with self._lock:
-            self._items[message_id] = time.monotonic() + self.linger_s
-
-    def snapshot(self) -> list[str]:
-        now = time.monotonic()
-        with self._lock:
-            for gone in [m for m, until in self._items.items() if until <= now]:
-                del self._items[gone]
-            return list(self._items)
-
-
-class Heartbeat(threading.Thread):
-    """Beats every ``HEARTBEAT_S``; never raises (a failure is logged at most every 30 s)."""
-
-    def __init__(self, runtime: Runtime) -> None:
-        super().__init__(name="report-forwarder-heartbeat", daemon=True)
-        self.runtime = runtime
-        self._stop_event = threading.Event()
-        self._last_error = 0.0
-
-    def run(self) -> None:
-        while not self._stop_event.wait(HEARTBEAT_S):
-            try:
-                self.runtime.beat_once()
-            except Exception as exc:
-                now = time.monotonic()
-                if now - self._last_error > 30:
-                    log.warning(
-                        "worker.heartbeat_failed",
-                        error=f"{type(exc).__name__}: {exc}",
-                        exc_info=not isinstance(exc, StoreError | redis.RedisError),
-                    )
-                    self._last_error = now
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join(timeout=5)
-
-
-class Sweeper(threading.Thread):
-    """Runs the ledger sweep every ``sweep_interval_s`` in each worker process. The sweep is
-    one atomic script, so any number of sweepers on any number of hosts is safe."""
-
-    def __init__(self, runtime: Runtime) -> None:
-        super().__init__(name="report-forwarder-sweeper", daemon=True)
-        self.runtime = runtime
-        self._stop_event = threading.Event()
-        self._last_error = 0.0
-
-    def run(self) -> None:
-        interval = self.runtime.settings.sweep_interval_s
-        while not self._stop_event.wait(interval):
-            while self.run_once() >= 500 and not self._stop_event.is_set():
-                pass  # a full batch: more may be due right now
-
-    def run_once(self) -> int:
-        """One sweep; never raises (the sweeper must outlive any one failure, which is
-        logged at most every 30 s)."""
-        try:
-            return len(self.runtime.sweep_once())
-        except Exception as exc:
-            now = time.monotonic()
-            if now - self._last_error > 30:
-                log.warning(
-                    "sweeper.failed",
-                    error=f"{type(exc).__name__}: {exc}",
-                    exc_info=not isinstance(exc, StoreError | redis.RedisError),
-                )
-                self._last_error = now
-            return 0
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join(timeout=5)
 
 
 def _load_keys(settings: Settings, environ: Mapping[str, str] | None) -> dict[str, str]:
@@ -667,7 +291,3 @@ def _load_keys(settings: Settings, environ: Mapping[str, str] | None) -> dict[st
             + "; export the key in that environment variable (it is never stored in Redis)"
         )
     return keys
-
-
-def _iso(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))

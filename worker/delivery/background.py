@@ -1,0 +1,147 @@
+"""What runs beside the Celery threads in every worker process: the heartbeat (alive;
+the messages held; the rate limits declared) and the sweeper, and how a sweep's events are
+announced. See docs/design.md §4."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import redis
+
+from worker.errors import StoreError
+from worker.observability.logs import get_logger
+from worker.store.keys import split_ref
+from worker.store.ledger import HEARTBEAT_S, SweepEvent
+
+if TYPE_CHECKING:
+    from worker.delivery.runtime import Runtime
+
+log = get_logger("worker.runtime")
+
+
+def announce_sweep_event(event: SweepEvent, announce: Callable[..., None]) -> None:
+    """Say what a sweep event did: a recovered or poisoned report is announced (its log line
+    and metrics hang off that); the rest are log lines of their own."""
+    if event.kind == "resumed":
+        log.info("account.resumed", account=event.subject, by="timer")
+        return
+    if event.kind == "worker_dead":
+        log.warning("worker.lost", worker=event.subject, silent_s=float(event.detail or 0))
+        return
+    account, task_id = split_ref(event.subject)
+    if event.kind == "poison":
+        deliveries, ctype, kind = ([*event.detail.split("|"), "", ""])[:3]
+        announce(
+            "report.dead_lettered",
+            task_id=task_id,
+            account=account,
+            captcha_type=ctype,
+            kind=kind,
+            reason="poison",
+            deliveries=int(deliveries or 0),
+        )
+        return
+    if event.kind == "requeued":
+        log.debug("report.requeued", task_id=task_id, account=account)
+        return
+    if event.kind == "worker_lost":
+        why = "worker lost mid-flight"
+    elif event.kind == "lease_expired":
+        why = "lease expired"
+    else:  # orphaned: "why|new message id"
+        why = event.detail.split("|", 1)[0] or "message orphaned"
+    announce("report.recovered", task_id=task_id, account=account, why=why)
+
+
+class HeldMessages:
+    """The messages this worker has received and not finished, for its heartbeat. A finished
+    one lingers ``linger_s`` (until kombu's ack has surely landed)."""
+
+    def __init__(self, linger_s: float) -> None:
+        self.linger_s = linger_s
+        self._items: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, message_id: str) -> None:
+        with self._lock:
+            self._items[message_id] = math.inf
+
+    def finish(self, message_id: str) -> None:
+        with self._lock:
+            self._items[message_id] = time.monotonic() + self.linger_s
+
+    def snapshot(self) -> list[str]:
+        now = time.monotonic()
+        with self._lock:
+            for gone in [m for m, until in self._items.items() if until <= now]:
+                del self._items[gone]
+            return list(self._items)
+
+
+class Heartbeat(threading.Thread):
+    """Beats every ``HEARTBEAT_S``; never raises (a failure is logged at most every 30 s)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__(name="report-forwarder-heartbeat", daemon=True)
+        self.runtime = runtime
+        self._stop_event = threading.Event()
+        self._last_error = 0.0
+
+    def run(self) -> None:
+        while not self._stop_event.wait(HEARTBEAT_S):
+            try:
+                self.runtime.beat_once()
+            except Exception as exc:
+                now = time.monotonic()
+                if now - self._last_error > 30:
+                    log.warning(
+                        "worker.heartbeat_failed",
+                        error=f"{type(exc).__name__}: {exc}",
+                        exc_info=not isinstance(exc, StoreError | redis.RedisError),
+                    )
+                    self._last_error = now
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
+
+
+class Sweeper(threading.Thread):
+    """Runs the ledger sweep every ``sweep_interval_s`` in each worker process. The sweep is
+    one atomic script, so any number of sweepers on any number of hosts is safe."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__(name="report-forwarder-sweeper", daemon=True)
+        self.runtime = runtime
+        self._stop_event = threading.Event()
+        self._last_error = 0.0
+
+    def run(self) -> None:
+        interval = self.runtime.settings.sweep_interval_s
+        while not self._stop_event.wait(interval):
+            while self.run_once() >= 500 and not self._stop_event.is_set():
+                pass  # a full batch: more may be due right now
+
+    def run_once(self) -> int:
+        """One sweep; never raises (the sweeper must outlive any one failure, which is
+        logged at most every 30 s)."""
+        try:
+            return len(self.runtime.sweep_once())
+        except Exception as exc:
+            now = time.monotonic()
+            if now - self._last_error > 30:
+                log.warning(
+                    "sweeper.failed",
+                    error=f"{type(exc).__name__}: {exc}",
+                    exc_info=not isinstance(exc, StoreError | redis.RedisError),
+                )
+                self._last_error = now
+            return 0
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
