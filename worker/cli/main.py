@@ -971,7 +971,7 @@ def sandbox(host: str, port: int, latency_ms: float, profile: str) -> None:
     type=click.FloatRange(0, min_open=True),
     default=30.0,
     show_default=True,
-    help="Seconds a client has to send a request's body, once its headers are in.",
+    help="Seconds a client has, on top of --header-timeout, to send a request's body.",
 )
 @click.option(
     "--keep-alive-timeout",

@@ -8,7 +8,7 @@ protocol with these added, gives each connection:
 
 - a header deadline, from the connection's opening (or from a request's first byte after
   a keep-alive pause) until the request's headers are complete;
-- a body deadline, from the end of the headers to the end of the body;
+- a body deadline: the body in too, within the header and body timeouts together;
 - a keep-alive deadline, from the end of a response to the next request's first byte;
 - a cap on the open connections of each client address and on all of them together: a
   connection over a cap is answered at once (429 for its address's cap, 503 for the
