@@ -5,13 +5,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CITATION = re.compile(r"docs/design\.md §(\d+(?:\.\d+)?)")
 
 
 def _sections() -> set[str]:
     text = (ROOT / "docs" / "design.md").read_text()
-    return set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\. ", text, re.M))
+    return set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", text, re.M))
 
 
 def _citations() -> list[tuple[str, str]]:

@@ -10,12 +10,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import redis
-
 from worker.errors import StoreError
 from worker.observability.logs import get_logger
 from worker.store.keys import split_ref
 from worker.store.ledger import HEARTBEAT_S, SweepEvent
+from worker.store.vocabulary import Reason
 
 if TYPE_CHECKING:
     from worker.delivery.runtime import Runtime
@@ -41,7 +40,7 @@ def announce_sweep_event(event: SweepEvent, announce: Callable[..., None]) -> No
             account=account,
             captcha_type=ctype,
             kind=kind,
-            reason="poison",
+            reason=Reason.POISON,
             deliveries=int(deliveries or 0),
         )
         return
@@ -101,7 +100,7 @@ class Heartbeat(threading.Thread):
                     log.warning(
                         "worker.heartbeat_failed",
                         error=f"{type(exc).__name__}: {exc}",
-                        exc_info=not isinstance(exc, StoreError | redis.RedisError),
+                        exc_info=not isinstance(exc, StoreError),
                     )
                     self._last_error = now
 
@@ -137,7 +136,7 @@ class Sweeper(threading.Thread):
                 log.warning(
                     "sweeper.failed",
                     error=f"{type(exc).__name__}: {exc}",
-                    exc_info=not isinstance(exc, StoreError | redis.RedisError),
+                    exc_info=not isinstance(exc, StoreError),
                 )
                 self._last_error = now
             return 0

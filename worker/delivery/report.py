@@ -18,8 +18,11 @@ from worker.observability.logs import get_logger
 from worker.settings import Account, Settings
 from worker.store.keys import split_ref
 from worker.store.ledger import Claim, Ledger
+from worker.store.vocabulary import Finish, Reason
 
 log = get_logger("worker.runtime")
+
+NO_SLOT = "no rate-limit slot left before the deadline"
 
 T = TypeVar("T")
 # A deferred report is re-queued this long before its rate-limit slot, so that it is back in
@@ -68,21 +71,25 @@ class ReportSteps:
         }
         job = _Job(ref, message_id, claim, ctx, last)
         if account is None:
-            return self._bury(job, "rejected", "UNKNOWN_ACCOUNT", f"no account {account_name!r}")
+            return self._bury(
+                job, Reason.REJECTED, "UNKNOWN_ACCOUNT", f"no account {account_name!r}"
+            )
         try:
             ctype = self.settings.captcha_types.resolve(claim.captcha_type)
             url = account.endpoint_for(ctype)
         except ReportError as exc:
-            return self._bury(job, "rejected", "UNSUPPORTED_TYPE", str(exc))
+            return self._bury(job, Reason.REJECTED, "UNSUPPORTED_TYPE", str(exc))
         ctx["endpoint"] = url
         if claim.paused_until is not None:
             until = _iso(claim.paused_until)
-            return self._bury(job, "account_paused", "", f"account paused until {until}")
+            return self._bury(job, Reason.ACCOUNT_PAUSED, "", f"account paused until {until}")
         if started >= claim.deadline:
-            return self._bury(job, "expired", "", "deadline passed before it could be sent")
+            return self._bury(job, Reason.EXPIRED, "", "deadline passed before it could be sent")
         key = self.client_keys.get(account.name)
         if key is None:
-            return self._bury(job, "account_fault", "NO_CLIENT_KEY", f"{account.key_env} unset")
+            return self._bury(
+                job, Reason.ACCOUNT_FAULT, "NO_CLIENT_KEY", f"{account.key_env} unset"
+            )
         waited = self._wait_for_limiter(job, account)
         if isinstance(waited, str):
             return waited
@@ -116,7 +123,9 @@ class ReportSteps:
         if claim.limiter == "go":  # planned and admitted in the claim's round trip
             return 0.0
         if claim.limiter == "none":
-            return self._bury(job, "expired", "", "no rate-limit slot left before the deadline")
+            return self._bury(
+                job, Reason.EXPIRED, "", "no rate-limit slot left before the deadline"
+            )
         if claim.limiter:
             slot_at = float(claim.limiter)
         elif claim.planned_slot is not None:
@@ -124,7 +133,9 @@ class ReportSteps:
         else:
             slot = self.limiter.plan(account, claim.deadline)
             if slot.wait_s is None:
-                return self._bury(job, "expired", "", "no rate-limit slot left before the deadline")
+                return self._bury(
+                    job, Reason.EXPIRED, "", "no rate-limit slot left before the deadline"
+                )
             slot_at = slot.at
         ahead = slot_at - time.time()
         if ahead > self.limiter.max_inline_wait_s:
@@ -141,13 +152,13 @@ class ReportSteps:
         """Out of this worker until ``due`` (no attempt spent); keeps its reserved slot."""
         if job.claim.deadline <= due:
             return self._bury(
-                job, "expired", "", "the rate limit leaves no slot before the deadline"
+                job, Reason.EXPIRED, "", "the rate limit leaves no slot before the deadline"
             )
         if self._store(
             lambda: self.ledger.finish(
                 job.ref,
                 job.message_id,
-                "defer",
+                Finish.DEFER,
                 attempts=job.claim.attempts,
                 due=due,
                 planned_slot=slot,
@@ -176,7 +187,7 @@ class ReportSteps:
                 lambda: self.ledger.finish(
                     job.ref,
                     job.message_id,
-                    "accepted",
+                    Finish.ACCEPTED,
                     attempts=attempts,
                     stats_field=field,
                     done=job.last,
@@ -191,7 +202,7 @@ class ReportSteps:
                 lambda: self.ledger.finish(
                     job.ref,
                     job.message_id,
-                    "retry",
+                    Finish.RETRY,
                     attempts=attempts,
                     stats_field=field,
                     error_code=outcome.error_code,
@@ -232,7 +243,7 @@ class ReportSteps:
             lambda: self.ledger.finish(
                 job.ref,
                 job.message_id,
-                "dead",
+                Finish.DEAD,
                 attempts=job.claim.attempts if attempts is None else attempts,
                 error_code=error_code,
                 http_status=http_status,

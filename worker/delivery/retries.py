@@ -15,6 +15,7 @@ from typing import Literal
 
 from worker.delivery.upstream import Outcome
 from worker.settings import MIN_BACKOFF_S
+from worker.store.vocabulary import Reason
 
 LAST_CHANCE_MARGIN_S = 1.0
 
@@ -56,11 +57,11 @@ def next_step(
     if outcome.status == "accepted":
         return Step("accepted")
     if outcome.status == "rejected":
-        return Step("dead", reason="rejected")
+        return Step("dead", reason=Reason.REJECTED)
     if outcome.status == "account_fault":
-        return Step("dead", reason="account_fault", pause_account=True)
+        return Step("dead", reason=Reason.ACCOUNT_FAULT, pause_account=True)
     if attempts >= policy.max_attempts:
-        return Step("dead", reason="retries_exhausted")
+        return Step("dead", reason=Reason.RETRIES_EXHAUSTED)
     delay = backoff_delay(attempts - 1, policy, rng)
     if outcome.retry_after is not None and outcome.retry_after > delay:
         delay = outcome.retry_after
@@ -69,7 +70,7 @@ def next_step(
         last_chance = deadline - LAST_CHANCE_MARGIN_S
         told_to_wait = outcome.retry_after is not None and now + outcome.retry_after > last_chance
         if told_to_wait or last_chance - now < MIN_BACKOFF_S:
-            return Step("dead", reason="expired")
+            return Step("dead", reason=Reason.EXPIRED)
         due = last_chance
         delay = due - now
     return Step("retry", due=due, delay_s=delay)

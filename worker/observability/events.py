@@ -16,6 +16,7 @@ from typing import Any
 
 from worker.observability.logs import get_logger
 from worker.observability.metrics import Metrics
+from worker.store.vocabulary import Outcome
 
 Listener = Callable[[str, Mapping[str, Any]], None]
 
@@ -61,9 +62,9 @@ class MetricUpdates:
             m.recovered.labels(str(fields.get("why", ""))).inc()
             return
         if event == "report.accepted":
-            m.outcome("accepted", kind, None)
+            m.outcome(Outcome.ACCEPTED, kind, None)
         elif event == "report.retrying":
-            m.outcome("retrying", kind, fields.get("error_code"))
+            m.outcome(Outcome.RETRYING, kind, fields.get("error_code"))
         elif event == "report.dead_lettered":
             m.outcome(str(fields.get("reason", "")), kind, fields.get("error_code"))
         if fields.get("queue_ms") is not None:

@@ -13,14 +13,13 @@ import redis
 
 from worker.settings import Settings
 from worker.store import limits
-from worker.store.deadletters import REASONS
 from worker.store.keys import Keys, split_ref
 from worker.store.ledger import WORKER_TIMEOUT_S
 from worker.store.messages import list_keys
+from worker.store.vocabulary import TERMINAL
 
 WINDOWS_MIN = (1, 5, 15)
 SPARK_SECONDS = 60
-TERMINAL = ("accepted", *REASONS)  # every terminal outcome: accepted, or a dead letter
 
 
 def _text(value: Any) -> str:

@@ -20,17 +20,11 @@ import redis
 
 from worker.errors import ReportError
 from worker.settings import abbreviate
+from worker.store import vocabulary
 from worker.store.keys import Keys
 from worker.store.ledger import Ledger
 
-REASONS = (
-    "rejected",
-    "account_fault",
-    "account_paused",
-    "expired",
-    "retries_exhausted",
-    "poison",
-)
+REASONS = vocabulary.REASONS
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _ID = re.compile(r"^([0-9]{1,20})-([0-9]{1,20})$")

@@ -50,6 +50,7 @@ import redis
 from worker.store import calls as guarded
 from worker.store import messages, scripts
 from worker.store.keys import UNACKED, UNACKED_INDEX, Keys
+from worker.store.vocabulary import Finish
 
 # The heartbeat: how often a worker says it is alive, and how long without one before the
 # sweep (any worker's) takes it for dead and hands its reports on.
@@ -155,7 +156,8 @@ class Ledger:
         return guarded.call(script, keys=keys, args=args, on=self.client)
 
     def enqueue(self, rows: Sequence[Sequence[Any]], *, per_message: int = 1) -> list[int]:
-        """Queue ``rows`` of (account, task_id, type, kind, deadline, dead-letter id or '');
+        """Queue ``rows`` (:class:`~worker.store.vocabulary.EnqueueRow`, or any sequence of its
+        fields: account, task_id, type, kind, deadline, dead-letter id or '');
         one flag per row: 1 queued, 0 duplicate."""
         if not rows:
             return []
@@ -218,7 +220,7 @@ class Ledger:
         ``done``: this was the message's last report, so the worker is done with the message
         too (as :meth:`done`, in the same round trip)."""
         now = time.time()
-        arg = f"{due:.6f}" if outcome in ("retry", "defer") else reason
+        arg = f"{due:.6f}" if outcome in (Finish.RETRY, Finish.DEFER) else reason
         tail = ["done", self.urgent_template] if done else []
         reply = self._run(
             self._finish,
