@@ -310,7 +310,7 @@ class Intake:
         if path == "/":
             _require(method, "GET")
             return 200, self.page, b"text/html; charset=utf-8"
-        raise Refusal(404, "ERROR_NO_SUCH_METHOD", f"no such method: {path}")
+        raise Refusal(404, "ERROR_NO_SUCH_METHOD", f"no such method: {shorten(path, 120)}")
 
     async def _report(self, report_type: str, body: bytes) -> bytes:
         doc = json_object(body)
