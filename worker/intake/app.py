@@ -31,7 +31,6 @@ import hmac
 import ipaddress
 import json
 import time
-import tomllib
 from collections import Counter as Tally
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import asdict
@@ -66,8 +65,7 @@ from worker.intake.server import (
 from worker.observability.logs import get_logger, register_secret
 from worker.observability.metrics import Metrics
 from worker.producer import validate
-from worker.settings import Settings, client_key
-from worker.settings.loader import _providers, _Reader
+from worker.settings import Settings, builtin_providers, client_key
 from worker.store import connection as store
 from worker.store.keys import Keys
 from worker.store.ledger import ENQUEUE_SCRIPT, enqueue_args, parse_flags
@@ -85,10 +83,7 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 # Anti-Captcha's per-family methods, which CapMonster also answers and that protocol's
 # clients call. They are not endpoints of the profile, which sends such reports to its token
 # endpoint; as endpoints they would change where the worker delivers them.
-_PROVIDERS = tomllib.loads(
-    resources.files("worker.defaults").joinpath("providers.toml").read_text("utf-8")
-)
-_CAPMONSTER = _providers(_Reader(_PROVIDERS, {}))["capmonster"]
+_CAPMONSTER = builtin_providers()["capmonster"]
 REPORT_ROUTES = {path: name for name, path in _CAPMONSTER.endpoints.items()} | {
     "/reportIncorrectRecaptcha": "recaptcha",
     "/reportIncorrectHcaptcha": "hcaptcha",

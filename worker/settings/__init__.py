@@ -13,15 +13,18 @@ from __future__ import annotations
 from worker.settings.loader import (
     MAX_CONCURRENCY,
     MIN_BACKOFF_S,
+    builtin_providers,
+    load_settings,
+)
+from worker.settings.models import (
     Account,
     Provider,
     RateLimit,
     Settings,
     abbreviate,
     client_key,
-    load_settings,
-    mask_url,
 )
+from worker.settings.redis_url import mask_url
 
 __all__ = [
     "MAX_CONCURRENCY",
@@ -31,6 +34,7 @@ __all__ = [
     "RateLimit",
     "Settings",
     "abbreviate",
+    "builtin_providers",
     "client_key",
     "load_settings",
     "mask_url",

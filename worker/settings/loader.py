@@ -1,4 +1,4 @@
-"""Settings: checked-in TOML defaults < REPORT_FORWARDER_CONFIG file < environment.
+"""The settings loader: checked-in TOML defaults < REPORT_FORWARDER_CONFIG file < environment.
 
 ``load_settings(environ=os.environ)`` returns a frozen :class:`Settings`. A bad value raises
 :class:`~worker.errors.ConfigError` naming the key, the value and where it came from; the CLI
@@ -14,22 +14,27 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-from worker.errors import ConfigError, ReportError
-from worker.settings.captcha_types import CaptchaType, CaptchaTypes
+from worker.errors import ConfigError
+from worker.settings.captcha_types import CaptchaTypes
+from worker.settings.models import (
+    DEFAULT_CONNECT_RETRY_S,
+    Account,
+    Provider,
+    RateLimit,
+    Settings,
+    abbreviate,
+    default_home,
+)
+from worker.settings.redis_url import check_redis_url
 
 DEFAULT_FILES = ("report-forwarder.toml", "providers.toml", "captcha-types.toml")
 ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MIN_BACKOFF_S = 2.0  # CapMonster asks clients to wait at least 2 s between calls
 MAX_CONCURRENCY = 1024  # threads per worker process, in the file as on the command line
-# A producer's or the command line's patience with an unreachable Redis: retried for this
-# long before it gives up (exit 3). Workers keep their own, longer patience (store.py).
-DEFAULT_CONNECT_RETRY_S = 5.0
 MAX_NUMBER = 1e9  # no setting means anything beyond this (31 years, a billion entries)
 
 # Keys a file may set besides those in the checked-in defaults (documented there, commented
@@ -50,161 +55,6 @@ ENV_OVERRIDES: dict[str, str] = {
     "REPORT_FORWARDER_API_URL": "api_url_override",
     "REPORT_FORWARDER_CONNECT_RETRY_S": "redis.connect_retry_s",
 }
-
-_PERIODS = {
-    "s": 1.0,
-    "sec": 1.0,
-    "second": 1.0,
-    "seconds": 1.0,
-    "m": 60.0,
-    "min": 60.0,
-    "minute": 60.0,
-    "minutes": 60.0,
-    "h": 3600.0,
-    "hour": 3600.0,
-    "hours": 3600.0,
-}
-_RATE = re.compile(r"^\s*(\d+)\s*(?:/|per)\s*(\d*)\s*([a-z]+)\s*$", re.IGNORECASE)
-
-
-@dataclass(frozen=True, slots=True)
-class RateLimit:
-    """At most ``amount`` requests in any sliding window of ``period_s`` seconds."""
-
-    amount: int
-    period_s: float
-
-    @classmethod
-    def parse(cls, text: str) -> RateLimit:
-        match = _RATE.match(text) if isinstance(text, str) else None
-        if match is not None and max(len(match.group(1)), len(match.group(2))) > 9:
-            match = None  # beyond any API's limit (and beyond int()'s digit limit)
-        unit = _PERIODS.get(match.group(3).lower()) if match else None
-        multiple = int(match.group(2) or 1) if match else 0
-        if match is None or unit is None or int(match.group(1)) < 1 or multiple < 1:
-            raise ValueError(
-                f"{abbreviate(text)} is not a rate limit; expected e.g. '50/second', "
-                "'600/minute', '5/10s'"
-            )
-        return cls(amount=int(match.group(1)), period_s=unit * multiple)
-
-    def __str__(self) -> str:
-        if self.period_s == 1:
-            return f"{self.amount}/second"
-        if self.period_s == 60:
-            return f"{self.amount}/minute"
-        return f"{self.amount}/{self.period_s:g}s"
-
-
-@dataclass(frozen=True, slots=True)
-class Provider:
-    """A provider profile: base URL and endpoint per family or kind."""
-
-    name: str
-    base_url: str
-    endpoints: Mapping[str, str]
-    deadline_s: float
-    # provider error codes -> our classification ("accepted", "rejected", "account_fault",
-    # "transient"), on top of the built-in table
-    error_codes: Mapping[str, str] = field(default_factory=dict)
-
-    def path_for(self, ctype: CaptchaType) -> str | None:
-        return self.endpoints.get(ctype.family) or self.endpoints.get(ctype.kind)
-
-
-@dataclass(frozen=True, slots=True)
-class Account:
-    """A named account: producers choose it, workers read its key from ``key_env``."""
-
-    name: str
-    provider: Provider
-    key_env: str
-    rate_limit: RateLimit
-    base_url: str
-    deadline_s: float
-
-    def endpoint_for(self, ctype: CaptchaType) -> str:
-        """Full URL for a report of ``ctype``; :class:`ReportError` if the provider has none."""
-        path = self.provider.path_for(ctype)
-        if path is None:
-            supported = ", ".join(sorted(self.provider.endpoints))
-            raise ReportError(
-                f"account {self.name!r} (provider {self.provider.name!r}) cannot report "
-                f"captchaType {ctype.name!r}: {self.provider.name} has no endpoint for "
-                f"{ctype.family!r} reports (it has: {supported})"
-            )
-        return self.base_url.rstrip("/") + path
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The effective configuration. Never holds a secret."""
-
-    redis_url: str
-    key_prefix: str
-    home: Path
-    queue: str
-    log_format: str
-    log_level: str
-    concurrency: int
-    connect_timeout_s: float
-    read_timeout_s: float
-    report_deadline_s: float
-    max_attempts: int
-    backoff_base_s: float
-    backoff_cap_s: float
-    backoff_jitter: float
-    account_pause_s: float
-    dedup_ttl_s: int
-    lease_s: float
-    max_deliveries: int
-    visibility_timeout_s: int
-    restore_interval_s: int
-    lost_grace_s: float
-    sweep_interval_s: float
-    dead_letter_max_entries: int
-    dead_letter_max_age_s: int
-    ratelimit_margin_s: float
-    ratelimit_max_inline_wait_s: float
-    accounts: Mapping[str, Account]
-    captcha_types: CaptchaTypes
-    sources: tuple[str, ...] = ()
-    connect_retry_s: float = DEFAULT_CONNECT_RETRY_S
-
-    @property
-    def embedded_redis(self) -> bool:
-        return not self.redis_url
-
-    def account(self, name: object) -> Account:
-        """The account called ``name``, or :class:`ReportError` listing the known ones."""
-        found = self.accounts.get(name) if isinstance(name, str) else None
-        if found is None:
-            raise ReportError(
-                f"unknown account {abbreviate(name)}; configured accounts: "
-                f"{', '.join(sorted(self.accounts))}"
-            )
-        return found
-
-
-def abbreviate(value: object, limit: int = 80) -> str:
-    """``repr(value)`` cut to about ``limit`` characters, for messages that quote input
-    (never raises, even for an integer too long for ``repr``)."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int beyond Python's digit limit for str()
-        return f"<an integer of {value.bit_length() if isinstance(value, int) else '?'} bits>"
-    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
-
-
-def client_key(account: Account, environ: Mapping[str, str] | None = None) -> str | None:
-    """The account's API key from the environment, or None when unset or empty."""
-    env = os.environ if environ is None else environ
-    return env.get(account.key_env) or None
-
-
-def default_home(environ: Mapping[str, str]) -> Path:
-    base = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "report-forwarder"
 
 
 def load_settings(
@@ -408,7 +258,7 @@ def _build(
         raise r.fail("redis.key_prefix", key_prefix, "1-32 letters, digits, '_', '.' or '-'")
     redis_url = r.string("redis.url")
     if redis_url:
-        _check_redis_url(r, redis_url)
+        check_redis_url(r.fail, redis_url)
     log_level = r.string("service.log_level").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise r.fail("service.log_level", log_level, "DEBUG, INFO, WARNING or ERROR")
@@ -458,49 +308,11 @@ def _build(
     return settings
 
 
-def mask_url(url: str) -> str:
-    """The URL with any password (in the address or as ``?password=``) masked."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "(an unparsable URL)" if "@" in url or "password" in url else url
-    netloc = parts.netloc
-    if "@" in netloc:
-        credentials, _, host = netloc.rpartition("@")
-        if credentials != "****" and not credentials.endswith(":****"):  # not masked yet
-            user = credentials.split(":", 1)[0]
-            netloc = f"{user + ':' if user else ''}****@{host}"
-    query = parts.query
-    if "password" in query:
-        query = "&".join(
-            "password=****" if part.startswith("password=") else part for part in query.split("&")
-        )
-    if (netloc, query) == (parts.netloc, parts.query):
-        return url
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def _check_redis_url(r: _Reader, url: str) -> None:
-    """Refuse a Redis URL that cannot name a server: a ConfigError (exit 2), not a Redis
-    that is "unreachable"."""
-    expected = "a redis://[user:password@]host[:port][/db], rediss://... or unix:///path URL"
-    shown = mask_url(url)
-    if not url.startswith(("redis://", "rediss://", "unix://")) or any(
-        ch.isspace() or not ch.isprintable() for ch in url
-    ):
-        raise r.fail("redis.url", shown, expected)
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError when out of range or not a number
-    except ValueError as exc:
-        raise r.fail("redis.url", shown, f"{expected} ({exc})") from exc
-    if parts.scheme == "unix":
-        if not parts.path:
-            raise r.fail("redis.url", shown, "unix:// followed by the socket's path")
-        return
-    db = parts.path.strip("/")
-    if db and not (db.isascii() and db.isdigit() and len(db) <= 9):
-        raise r.fail("redis.url", shown, f"{expected}, db a number such as /0")
+def builtin_providers() -> dict[str, Provider]:
+    """The provider profiles of the checked-in ``config/providers.toml`` (the sandbox plays
+    them; the intake answers the CapMonster one's paths)."""
+    text = resources.files("worker.defaults").joinpath("providers.toml").read_text("utf-8")
+    return _providers(_Reader(_parse_toml(text, "(built-in) providers.toml"), {}))
 
 
 def _providers(r: _Reader) -> dict[str, Provider]:

@@ -15,14 +15,12 @@ answers ``errorId`` 1 for every error; Anti-Captcha and 2Captcha number their co
 from __future__ import annotations
 
 import json
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib import resources
 
 # The settings loader's own reading of a provider table (a public helper for the checked-in
 # providers does not exist yet; Settings exposes only the providers its accounts use).
-from worker.settings.loader import Provider, _providers, _Reader
+from worker.settings import Provider, builtin_providers
 from worker.testing.sandbox_server import Answer
 
 SUCCESS = b'{"errorId": 0, "status": "success"}'
@@ -64,8 +62,7 @@ class Profile:
 
 def checked_in_providers() -> dict[str, Provider]:
     """The provider profiles of the checked-in ``providers.toml`` (not a user's config)."""
-    text = resources.files("worker.defaults").joinpath("providers.toml").read_text("utf-8")
-    return _providers(_Reader(tomllib.loads(text), {}))
+    return builtin_providers()
 
 
 def load_profiles(providers: Mapping[str, Provider]) -> dict[str, Profile]:
