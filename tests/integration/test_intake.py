@@ -27,7 +27,7 @@ from worker.settings import Settings
 from worker.testing.processes import free_port
 from worker.testing.sandbox import Sandbox
 
-from .conftest import CLIENT_KEY, Service, queue_length, running_worker, wait_until
+from ..conftest import CLIENT_KEY, Service, queue_length, running_worker, wait_until
 from .intake_support import Server
 
 IMAGE = "/reportIncorrectImageCaptcha"
@@ -480,5 +480,5 @@ def test_status_page_in_headless_chromium_shows_the_numbers_of_stats_json(
     }
     assert "http://" not in dom.split("<script>", 1)[0].replace(server.url, "")  # nothing external
     assert shot.stat().st_size > 10_000
-    (Path(__file__).parent.parent / "bench" / "results").mkdir(exist_ok=True)
-    shutil.copy(shot, Path(__file__).parent.parent / "bench" / "results" / "status-page.png")
+    (Path(__file__).resolve().parents[2] / "bench" / "results").mkdir(exist_ok=True)
+    shutil.copy(shot, Path(__file__).resolve().parents[2] / "bench" / "results" / "status-page.png")

@@ -14,10 +14,9 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from worker.intake import Intake
-from worker.intake.input import decode_json
 from worker.settings import Settings
 
-from .conftest import CLIENT_KEY, queue_length
+from ..conftest import CLIENT_KEY, queue_length
 from .intake_support import Server
 
 IMAGE = "/reportIncorrectImageCaptcha"
@@ -129,14 +128,6 @@ def test_deep_values_and_huge_numbers_in_bulk_refuse_only_their_item(
     ]
     assert len(response.content) < 5000
     assert 2 == queue_length(redis_client)
-
-
-def test_long_numbers_are_decoded_without_conversion() -> None:
-    """The intake's decoder keeps a number of thousands of digits unconverted (Python would
-    refuse to convert it) and still reads ordinary ones."""
-    doc = decode_json(b'{"a": ' + b"1" * 10_000 + b', "b": 12, "c": 1e999999}')
-    assert "<a number of 10000 characters>" == repr(doc["a"])
-    assert (12, float("inf")) == (doc["b"], doc["c"])
 
 
 # -- generated hostile input ---------------------------------------------------------------
