@@ -30,7 +30,6 @@ import asyncio
 import hmac
 import ipaddress
 import json
-import time
 from collections import Counter as Tally
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import asdict
@@ -42,6 +41,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from worker.errors import ReportError
+from worker.intake.batching import Batcher, ClientLimiter
 from worker.intake.input import (
     ClientGoneError,
     ItemRefusal,
@@ -68,7 +68,7 @@ from worker.producer import validate
 from worker.settings import Settings, builtin_providers, client_key
 from worker.store import connection as store
 from worker.store.keys import Keys
-from worker.store.ledger import ENQUEUE_SCRIPT, enqueue_args, parse_flags
+from worker.store.ledger import ENQUEUE_SCRIPT
 from worker.store.messages import list_keys
 
 log = get_logger("worker.intake")
@@ -93,7 +93,6 @@ MAX_BULK_BYTES = 8 * 1024 * 1024
 MAX_BULK_ITEMS = 50_000
 MAX_REFUSALS_LISTED = 1000  # a bulk answer lists this many refusals, then counts them
 BATCH = 1000
-ROUND_TRIP_TIMEOUT_S = 10.0
 _SUCCESS = b'{"errorId":0,"status":"success"}'
 _INTERNAL = (
     b'{"errorId":1,"errorCode":"ERROR_INTERNAL",'
@@ -103,76 +102,6 @@ _UNAVAILABLE = (
     b'{"errorId":1,"errorCode":"ERROR_SERVICE_UNAVAILABLE",'
     b'"errorDescription":"the queue is unreachable; retry shortly"}'
 )
-
-
-class _Batcher:
-    """Queues rows in as few round trips as possible without delaying a lone report: the
-    first row goes at once; rows arriving while a round trip is in flight gather for the
-    next one, and all their requests wait on that one round trip's answer."""
-
-    def __init__(self, script: Any, keys: Keys, queue: str) -> None:
-        self.script = script
-        self.keys = keys
-        self.queue = queue
-        self.rows: list[list[Any]] = []
-        self.waiter: asyncio.Future[list[int]] | None = None
-        self.running = False
-        self._task: asyncio.Task[None] | None = None  # held so it is not collected mid-run
-
-    async def submit(self, rows: list[list[Any]]) -> list[int]:
-        """Queue ``rows`` (at most ``BATCH``); one flag each: 1 queued, 0 duplicate."""
-        loop = asyncio.get_running_loop()
-        if self.waiter is None:
-            self.waiter = loop.create_future()
-        waiter, start = self.waiter, len(self.rows)
-        self.rows.extend(rows)
-        if not self.running:
-            self.running = True
-            self._task = loop.create_task(self._drain())
-        flags = await waiter
-        return flags[start : start + len(rows)]
-
-    async def _drain(self) -> None:
-        try:
-            while self.rows:
-                rows, waiter = self.rows, self.waiter
-                self.rows, self.waiter = [], None
-                assert waiter is not None
-                try:
-                    args = enqueue_args(self.keys, self.queue, rows)
-                    # one timeout per round trip (cheaper than a socket timeout per command)
-                    async with asyncio.timeout(ROUND_TRIP_TIMEOUT_S):
-                        flags = parse_flags(await self.script(args=args))
-                except Exception as exc:  # every request of this batch gets the failure
-                    waiter.set_exception(exc)
-                    waiter.exception()  # retrieved: no "never retrieved" warning if all left
-                    continue
-                waiter.set_result(flags)
-        finally:
-            self.running = False
-
-
-class _ClientLimiter:
-    """Requests per second per client address (token bucket), so one client cannot flood
-    the intake; over it: 429 ``ERROR_TOO_MUCH_REQUESTS``."""
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.buckets: dict[str, tuple[float, float]] = {}
-
-    def allow(self, client: str, cost: float = 1.0) -> bool:
-        now = time.monotonic()
-        tokens, last = self.buckets.get(client, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        if tokens < cost:
-            self.buckets[client] = (tokens, now)
-            return False
-        self.buckets[client] = (tokens - cost, now)
-        if len(self.buckets) > 10_000:  # forget idle clients
-            cutoff = now - 60
-            self.buckets = {k: v for k, v in self.buckets.items() if v[1] > cutoff}
-        return True
 
 
 class Intake:
@@ -199,7 +128,7 @@ class Intake:
             if key:
                 register_secret(key)
                 self.account_keys.append((key.encode(), account.name))
-        self.limiter = _ClientLimiter(client_rate, client_rate * 2)
+        self.limiter = ClientLimiter(client_rate, client_rate * 2)
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "report_forwarder_intake_requests",
@@ -210,7 +139,7 @@ class Intake:
         self.metrics = Metrics(self.registry)
         self.client: aioredis.Redis | None = None
         self.sync_client: redis.Redis | None = None
-        self.batcher: _Batcher | None = None
+        self.batcher: Batcher | None = None
         self.page = resources.files("worker.intake").joinpath("status.html").read_bytes()
 
     # -- ASGI --------------------------------------------------------------------------
@@ -263,7 +192,7 @@ class Intake:
         self.client = aioredis.Redis.from_url(self.redis_url, socket_connect_timeout=5)
         self.sync_client = store.connect(self.redis_url, retries=2)
         self.metrics.watch(self.sync_client, self.settings)
-        self.batcher = _Batcher(
+        self.batcher = Batcher(
             self.client.register_script(ENQUEUE_SCRIPT), self.keys, self.settings.queue
         )
 
