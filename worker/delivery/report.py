@@ -85,8 +85,8 @@ class ReportSteps:
             return self._bury(job, Reason.ACCOUNT_PAUSED, "", f"account paused until {until}")
         if started >= claim.deadline:
             return self._bury(job, Reason.EXPIRED, "", "deadline passed before it could be sent")
-        key = self.client_keys.get(account.name)
-        if key is None:
+        client_key = self.client_keys.get(account.name)
+        if client_key is None:
             return self._bury(
                 job, Reason.ACCOUNT_FAULT, "NO_CLIENT_KEY", f"{account.key_env} unset"
             )
@@ -96,7 +96,7 @@ class ReportSteps:
         ctx["ratelimit_wait_ms"] = round(waited * 1000, 1)
         outcome = send_report(
             url,
-            key,
+            client_key,
             task_id,
             connect_timeout_s=self.settings.connect_timeout_s,
             read_timeout_s=self.settings.read_timeout_s,

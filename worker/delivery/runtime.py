@@ -72,7 +72,7 @@ class Runtime(ReportSteps):
         self.redis_url = redis_url
         self.client = client or store.connect(redis_url)
         self.keys = Keys(settings.key_prefix)
-        self.client_keys = _load_keys(settings, environ)
+        self.client_keys = _load_client_keys(settings, environ)
         self.ledger = Ledger(
             self.client,
             self.keys,
@@ -274,20 +274,21 @@ class Runtime(ReportSteps):
         return events
 
 
-def _load_keys(settings: Settings, environ: Mapping[str, str] | None) -> dict[str, str]:
-    keys: dict[str, str] = {}
+def _load_client_keys(settings: Settings, environ: Mapping[str, str] | None) -> dict[str, str]:
+    """Each account's API key (its clientKey) from the environment; registered for masking."""
+    client_keys: dict[str, str] = {}
     missing = []
     for account in settings.accounts.values():
-        key = client_key(account, environ)
-        if key is None:
+        api_key = client_key(account, environ)
+        if api_key is None:
             missing.append(f"{account.key_env} (account {account.name!r})")
         else:
-            keys[account.name] = key
-            register_secret(key)
+            client_keys[account.name] = api_key
+            register_secret(api_key)
     if missing:
         raise ConfigError(
             "no API key for: "
             + ", ".join(missing)
             + "; export the key in that environment variable (it is never stored in Redis)"
         )
-    return keys
+    return client_keys

@@ -122,12 +122,12 @@ class Intake:
         self.token = token
         self.enqueue_enabled = enqueue  # False: the constant-answer ceiling of bench/intake.py
         self.keys = Keys(settings.key_prefix)
-        self.account_keys: list[tuple[bytes, str]] = []
+        self.api_keys: list[tuple[bytes, str]] = []
         for account in settings.accounts.values():
             key = client_key(account, environ)
             if key:
                 register_secret(key)
-                self.account_keys.append((key.encode(), account.name))
+                self.api_keys.append((key.encode(), account.name))
         self.limiter = ClientLimiter(client_rate, client_rate * 2)
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -308,7 +308,7 @@ class Intake:
             return None
         given = key.encode("utf-8", "surrogatepass")
         found = None
-        for secret, account in self.account_keys:
+        for secret, account in self.api_keys:
             if hmac.compare_digest(given, secret):
                 found = account
         return found
@@ -379,7 +379,7 @@ def serve(
         host=host,
         port=port,
         token=token is not None,
-        accounts=[name for _, name in app.account_keys],
+        accounts=[name for _, name in app.api_keys],
         fd_limit=fd_limit,
         **{f"limit_{k}": v for k, v in asdict(limits).items()},
     )
