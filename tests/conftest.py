@@ -25,6 +25,8 @@ from worker.store.messages import list_keys
 from worker.testing.processes import RedisProcess, service_env
 from worker.testing.sandbox import Sandbox
 
+from .redis_bytes import as_bytes, stream_entries
+
 CLIENT_KEY = "test-client-key-5f3a9c"
 
 
@@ -158,20 +160,20 @@ def all_redis_bytes(client: redis.Redis) -> bytes:
     chunks: list[bytes] = []
     for key in client.scan_iter(count=1000):
         chunks.append(key)
-        kind = client.type(key).decode()
+        kind = as_bytes(client.type(key)).decode()
         if kind == "string":
-            chunks.append(client.get(key) or b"")
+            chunks.append(as_bytes(client.get(key) or b""))
         elif kind == "hash":
             for field, value in client.hgetall(key).items():
-                chunks += [field, value]
+                chunks += [as_bytes(field), as_bytes(value)]
         elif kind == "list":
-            chunks += client.lrange(key, 0, -1)
+            chunks += map(as_bytes, client.lrange(key, 0, -1))
         elif kind == "set":
-            chunks += list(client.smembers(key))
+            chunks += map(as_bytes, client.smembers(key))
         elif kind == "zset":
-            chunks += [m for m, _ in client.zrange(key, 0, -1, withscores=True)]
+            chunks += map(as_bytes, client.zrange(key, 0, -1))
         elif kind == "stream":
-            for _, fields in client.xrange(key):
+            for _, fields in stream_entries(client, key):
                 for field, value in fields.items():
                     chunks += [field, value]
     return b"\n".join(chunks)
@@ -186,10 +188,10 @@ def queued_messages(client: redis.Redis, queue: str = "reports") -> list[bytes]:
     """Waiting messages, next to be taken first (urgent list, then normal)."""
     out: list[bytes] = []
     for key in list_keys(queue):
-        out += list(reversed(client.lrange(key, 0, -1)))
+        out += map(as_bytes, reversed(client.lrange(key, 0, -1)))
     return out
 
 
 def cli_env(env: dict[str, str], **extra: str) -> dict[str, str]:
     """``env`` on top of the real environment (PATH etc.) for subprocesses."""
-    return service_env(**{**env, **extra})
+    return service_env(None, **{**env, **extra})

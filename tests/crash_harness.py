@@ -44,6 +44,8 @@ from worker.store.keys import Keys, split_ref
 from worker.testing.processes import RedisProcess, WorkerProcesses, service_env
 from worker.testing.sandbox import Rule, Sandbox
 
+from .redis_bytes import as_bytes, optional_bytes, stream_entries
+
 CLIENT_KEY = "crash-test-key-8d1e"
 CONCURRENCY = 8
 MODES = ("kills", "squeeze", "deadline")
@@ -183,19 +185,19 @@ class _Run:
 
     def _worker_id(self, pid: int) -> str | None:
         for raw in self.client.zrange(self.keys.workers, 0, -1):
-            worker_id = raw.decode()
+            worker_id = as_bytes(raw).decode()
             if worker_id.split(":")[1] == str(pid):
                 return worker_id
         return None
 
     def _running(self, worker_id: str) -> set[str]:
-        return {r.decode() for r in self.client.smembers(self.keys.running(worker_id))}
+        return {as_bytes(r).decode() for r in self.client.smembers(self.keys.running(worker_id))}
 
     def _held_by(self, worker_id: str) -> dict[str, tuple[bytes, bytes]]:
         """The reports a worker holds: ref -> (state, message or owner) as the ledger had it."""
         watched = {ref: (b"r", worker_id.encode()) for ref in self._running(worker_id)}
-        for message_id in self.client.smembers(self.keys.held(worker_id)):
-            entry = self.client.hget(self.keys.msgrefs, message_id)
+        for message_id in map(as_bytes, self.client.smembers(self.keys.held(worker_id))):
+            entry = optional_bytes(self.client.hget(self.keys.msgrefs, message_id))
             for ref in entry.decode().split("|", 1)[1].split(",") if entry else []:
                 state, owner = self._state(ref)
                 if state == b"q" and owner == message_id:
@@ -204,7 +206,8 @@ class _Run:
 
     def _state(self, ref: str) -> tuple[bytes | None, bytes | None]:
         account, task_id = split_ref(ref)
-        state, message, owner = self.client.hmget(self.keys.report(account, task_id), "s", "m", "o")
+        answer = self.client.hmget(self.keys.report(account, task_id), "s", "m", "o")
+        state, message, owner = map(optional_bytes, answer)
         return state, (owner if state == b"r" else message)
 
     def _still_held(self, watched: dict[str, tuple[bytes, bytes]]) -> bool:
@@ -240,7 +243,7 @@ class _Run:
             if request.outcome not in ("http_503", "dropped"):
                 terminal_calls[request.task_id] += 1
         dead: Counter[int] = Counter()
-        for _, fields in self.client.xrange(self.keys.dead):
+        for _, fields in stream_entries(self.client, self.keys.dead):
             task_id = int(fields[b"task_id"])
             dead[task_id] += 1
             assert fields[b"reason"], f"dead letter of {task_id} has no reason"

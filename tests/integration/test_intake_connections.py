@@ -14,7 +14,7 @@ import select
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import pytest
@@ -58,7 +58,7 @@ def report_request(task_id: int, *, close: bool = False) -> bytes:
     return request_bytes(IMAGE, body, close=close)
 
 
-def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+def events(logs: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
     return [line for line in logs if line["event"] == name]
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import redis
 import structlog
 
-from worker.delivery.runtime import Runtime, Sweeper
+from worker.delivery.background import Sweeper
+from worker.delivery.runtime import Runtime
 from worker.producer import Producer
 from worker.settings import Settings
 from worker.store.keys import Keys, ref

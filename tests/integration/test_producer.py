@@ -87,6 +87,7 @@ class CountingRedis(redis.Redis):
 def test_single_enqueue_is_one_round_trip(settings: Settings) -> None:
     """Enqueueing one report is one Redis command (a script), whatever it writes."""
     client = CountingRedis.from_url(settings.redis_url)
+    assert isinstance(client, CountingRedis)
     producer = Producer(settings, client)
     producer.enqueue(1, "image")  # loads the script
     client.sent.clear()
@@ -99,6 +100,7 @@ def test_bulk_enqueue_is_one_round_trip_per_chunk(
 ) -> None:
     """2,500 reports in chunks of 1,000 cost three script calls, not one per report."""
     client = CountingRedis.from_url(settings.redis_url)
+    assert isinstance(client, CountingRedis)
     producer = Producer(settings, client)
     producer.enqueue(1, "image")
     client.sent.clear()
@@ -182,7 +184,7 @@ def test_a_5000_digit_task_id_is_a_report_error_from_the_public_api(
     monkeypatch.setattr(producer_module, "_default", None)
     for task_id in (HUGE, 10**5000 - 1, "-" + HUGE, " " + HUGE + " "):
         with pytest.raises(ReportError, match="expected a positive integer") as info:
-            worker.enqueue_report(task_id, "image")  # type: ignore[arg-type]
+            worker.enqueue_report(task_id, "image")  # type: ignore[arg-type]  # strings on purpose
         assert len(str(info.value)) < 300
     result = worker.enqueue_reports([{"taskId": HUGE, "captchaType": "image"}, (1, "image")])
     assert (1, [0]) == (result.queued, [r.index for r in result.refused])

@@ -18,6 +18,7 @@ from worker.store.keys import Keys
 from worker.testing.sandbox import Rule, Sandbox
 
 from ..conftest import FAST_RECOVERY, running_worker, wait_until
+from ..redis_bytes import as_bytes, stream_entries
 
 KEYS = {"cm": "capmonster-key-1111", "ac": "anticaptcha-key-2222", "tc": "twocaptcha-key-3333"}
 
@@ -112,7 +113,7 @@ def test_one_worker_forwards_three_providers_each_to_its_endpoint_with_its_key(
     for name, requests in seen.items():
         for task_id, request in requests.items():
             assert {"clientKey": KEYS[name], "taskId": task_id} == json.loads(request.body)
-    ((_, letter),) = redis_client.xrange(Keys().dead)
+    ((_, letter),) = stream_entries(redis_client, Keys().dead)
     assert (b"13", b"ac", b"rejected", b"ERROR_NO_SUCH_CAPCHA_ID") == (
         letter[b"task_id"],
         letter[b"account"],
@@ -169,5 +170,5 @@ def test_cli_account_option_and_bulk_account_field(
         main, ["enqueue", "-f", "-", "--account", "cm"], input=lines, env=environ
     )
     assert 0 == result.exit_code, result.output
-    stored = {k.decode() for k in redis_client.keys("rf:r:*")}
+    stored = {as_bytes(k).decode() for k in redis_client.keys("rf:r:*")}
     assert {"rf:r:tc:7", "rf:r:ac:8", "rf:r:cm:9"} == stored

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from worker.testing.processes import WorkerProcesses
 from worker.testing.sandbox import Rule, Sandbox
 
 from ..conftest import CLIENT_KEY, FAST_RECOVERY, cli_env, running_worker, wait_until
+from ..redis_bytes import scored_members
 
 OTHER_KEY = "other-account-key-77"
 TWO_ACCOUNTS = (
@@ -80,12 +81,8 @@ def test_admission_refuses_the_n_plus_first_in_a_window(
         assert limiter.admit(account, give_up_after_s=0)[0]
     admitted, wait_s = limiter.admit(account, give_up_after_s=0)
     refused_by = _redis_now(redis_client)
-    admissions = [
-        score
-        for _, score in redis_client.zrange(
-            Keys(settings.key_prefix).ratelimit("default"), 0, -1, withscores=True
-        )
-    ]
+    window_key = Keys(settings.key_prefix).ratelimit("default")
+    admissions = [score for _, score in scored_members(redis_client, window_key)]
     assert not admitted
     assert 5 == len(admissions)
     oldest, newest = min(admissions), max(admissions)
@@ -180,7 +177,7 @@ def test_a_throttled_account_does_not_starve_another(
     def sent(key: str) -> int:
         return sum(1 for r in sandbox.requests() if r.client_key == key)
 
-    def lines_of(event: str) -> list[dict[str, Any]]:
+    def lines_of(event: str) -> list[MutableMapping[str, Any]]:
         return [x for x in list(lines) if x["event"] == event and x["account"] == "default"]
 
     capture = structlog.testing.capture_logs()

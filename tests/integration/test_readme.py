@@ -13,6 +13,13 @@ import pytest
 from ..conftest import cli_env
 
 
+def _count(label: str, summary: str) -> int:
+    """The number on the demo summary's ``label`` line."""
+    match = re.search(rf"^{label}\s+(\d+)", summary, re.M)
+    assert match is not None, f"no {label!r} line in the summary:\n{summary}"
+    return int(match.group(1))
+
+
 @pytest.mark.timeout(240)
 def test_demo_runs_on_embedded_defaults(tmp_path: Path) -> None:
     """`report-forwarder demo` with no REDIS_URL and no key starts its own Redis and
@@ -30,8 +37,7 @@ def test_demo_runs_on_embedded_defaults(tmp_path: Path) -> None:
         )
         assert 0 == result.returncode, result.stderr[-3000:]
         summary = result.stderr
-        accepted = int(re.search(r"^accepted\s+(\d+)", summary, re.M).group(1))  # type: ignore[union-attr]
-        total = int(re.search(r"^total\s+(\d+)", summary, re.M).group(1))  # type: ignore[union-attr]
+        accepted, total = _count("accepted", summary), _count("total", summary)
         assert 1000 == total
         assert 900 < accepted < 1000
         assert "dead-lettered: rejected ERROR_NO_SUCH_CAPCHA_ID" in summary

@@ -261,7 +261,12 @@ def test_stats_watch_shows_unreachable_and_redraws_until_redis_is_back(
         text=True,
     )
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout or ()], daemon=True).start()
+
+    def read_lines() -> None:
+        for line in proc.stdout or ():
+            lines.put(line)
+
+    threading.Thread(target=read_lines, daemon=True).start()
 
     def wait_for(text: str) -> str:
         while True:

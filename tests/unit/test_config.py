@@ -96,7 +96,7 @@ def test_settings_are_frozen() -> None:
     s = load_settings(environ={})
 
     with pytest.raises(dataclasses.FrozenInstanceError):
-        s.report_deadline_s = 1  # type: ignore[misc]
+        s.report_deadline_s = 1  # type: ignore[misc]  # the assignment the test expects refused
 
 
 # --- environment overrides (README, Configuration) ---------------------------------------
@@ -322,7 +322,7 @@ def test_rate_limit_parse_refused_forms(text: str) -> None:
 def test_rate_limit_parse_refuses_non_strings(value: object) -> None:
     """A rate limit that is not a string is refused with ValueError."""
     with pytest.raises(ValueError, match="not a rate limit"):
-        RateLimit.parse(value)  # type: ignore[arg-type]
+        RateLimit.parse(value)  # type: ignore[arg-type]  # a wrong type on purpose
 
 
 @pytest.mark.parametrize("text", ["5/0s", "5/0 minutes"])

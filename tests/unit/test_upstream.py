@@ -592,4 +592,4 @@ def test_outcome_is_immutable() -> None:
     outcome = Outcome("accepted", 200)
 
     with pytest.raises(AttributeError):
-        outcome.status = "rejected"  # type: ignore[misc]
+        outcome.status = "rejected"  # type: ignore[misc]  # the assignment the test expects refused
