@@ -23,6 +23,7 @@ from worker.store import connection as store
 from worker.store.deadletters import DeadLetter
 from worker.store.keys import Keys
 from worker.store.ledger import Ledger
+from worker.store.vocabulary import EnqueueRow
 
 log = LibraryLogger("worker.producer")
 
@@ -81,13 +82,12 @@ def validate(
     captcha_type: object,
     account: object = "default",
     dead_id: str = "",
-) -> list[Any]:
-    """One report as the ledger's enqueue row, or :class:`ReportError` naming what is wrong:
-    (account, task_id, type, kind, deadline, dead-letter id or '')."""
+) -> EnqueueRow:
+    """One report as the ledger's enqueue row, or :class:`ReportError` naming what is wrong."""
     number = parse_task_id(task_id)
     acct_name, type_name, kind, deadline_s = resolve(settings, captcha_type, account)
     deadline = time.time() + deadline_s
-    return [acct_name, number, type_name, kind, f"{deadline:.3f}", dead_id]
+    return EnqueueRow(acct_name, number, type_name, kind, f"{deadline:.3f}", dead_id)
 
 
 def resolve(
@@ -157,18 +157,18 @@ class Producer:
 
     def row(
         self, task_id: object, captcha_type: object, account: object = "default", dead_id: str = ""
-    ) -> list[Any]:
+    ) -> EnqueueRow:
         """Validate one report into the ledger's enqueue row; ReportError if invalid."""
         return validate(self.settings, task_id, captcha_type, account, dead_id)
 
-    def row_maker(self) -> Callable[[object, object, object], list[Any]]:
+    def row_maker(self) -> Callable[[object, object, object], EnqueueRow]:
         """``row`` for a bulk call: type and account resolved once per distinct pair, one
         clock reading for the whole call."""
         now = time.time()
         resolved: dict[tuple[object, object], tuple[str, str, str, float]] = {}
         settings = self.settings
 
-        def make(task_id: object, captcha_type: object, account: object) -> list[Any]:
+        def make(task_id: object, captcha_type: object, account: object) -> EnqueueRow:
             key = (captcha_type, account)
             cacheable = isinstance(captcha_type, str) and isinstance(account, str)
             found = resolved.get(key) if cacheable else None
@@ -180,7 +180,7 @@ class Producer:
                 number = task_id
             else:
                 number = parse_task_id(task_id)
-            return [found[0], number, found[1], found[2], f"{now + found[3]:.3f}", ""]
+            return EnqueueRow(found[0], number, found[1], found[2], f"{now + found[3]:.3f}")
 
         return make
 
@@ -197,7 +197,7 @@ class Producer:
         still has its own outcome, retry, dead letter and log line). Invalid items are
         refused (listed in the result with their index, and logged); valid ones are queued."""
         result = BulkResult()
-        rows: list[list[Any]] = []
+        rows: list[EnqueueRow] = []
         rows_for = self.row_maker()
         for index, item in enumerate(items):
             try:
@@ -214,7 +214,7 @@ class Producer:
             self._flush(rows, result, per_message)
         return result
 
-    def _flush(self, rows: list[list[Any]], result: BulkResult, per_message: int) -> None:
+    def _flush(self, rows: list[EnqueueRow], result: BulkResult, per_message: int) -> None:
         flags = self.enqueue_rows(rows, per_message)
         queued = sum(flags)
         result.queued += queued
@@ -223,7 +223,7 @@ class Producer:
             for row, flag in zip(rows, flags, strict=True):
                 self._note(row, flag)
 
-    def enqueue_rows(self, rows: list[list[Any]], per_message: int = 1) -> list[int]:
+    def enqueue_rows(self, rows: Sequence[EnqueueRow], per_message: int = 1) -> list[int]:
         """Queue validated rows (:meth:`row`) in one round trip; one flag each (1 queued,
         0 duplicate). A Redis failure is a StoreError (or ConfigError) naming the Redis."""
         try:
@@ -237,8 +237,13 @@ class Producer:
             raise store.translate(cause, self.redis, "could not enqueue") from cause
 
     @staticmethod
-    def _note(row: list[Any], flag: int) -> Result:
-        fields = {"task_id": row[1], "captcha_type": row[2], "kind": row[3], "account": row[0]}
+    def _note(row: EnqueueRow, flag: int) -> Result:
+        fields = {
+            "task_id": row.task_id,
+            "captcha_type": row.captcha_type,
+            "kind": row.kind,
+            "account": row.account,
+        }
         if flag:
             log.debug("report.enqueued", **fields)
             return "queued"
@@ -262,8 +267,8 @@ def _fields(item: Any) -> tuple[object, object, object]:
     if isinstance(item, tuple | list) and len(item) in (2, 3):
         return item[0], item[1], item[2] if len(item) == 3 else "default"
     raise ReportError(
-        f"cannot read a report from {item!r}: expected a mapping with taskId and captchaType "
-        "or a (task_id, captcha_type[, account]) tuple"
+        f"cannot read a report from {abbreviate(item)}: expected a mapping with taskId and "
+        "captchaType or a (task_id, captcha_type[, account]) tuple"
     )
 
 

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from collections import Counter
-from typing import IO, Any
+from typing import IO
 
 import click
 
@@ -23,6 +23,7 @@ from worker.cli.app import EXIT_REFUSED, State, command_logging, current_state, 
 from worker.cli.readers import read_items
 from worker.errors import ReportError
 from worker.producer import BULK_PER_MESSAGE, fields, parse_task_id, refusal_reason, short_error
+from worker.store.vocabulary import EnqueueRow
 
 SHOWN_REFUSALS = 100
 
@@ -83,7 +84,7 @@ def _enqueue_file(state: State, file: IO[bytes], account: str, as_json: bool) ->
     make_row = producer.row_maker()
     queued = duplicates = 0
     refusals = _Refusals()
-    rows: list[list[Any]] = []
+    rows: list[EnqueueRow] = []
     progress = _Progress(file)
 
     def flush() -> None:

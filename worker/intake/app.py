@@ -70,6 +70,7 @@ from worker.store import connection as store
 from worker.store.keys import Keys
 from worker.store.ledger import ENQUEUE_SCRIPT
 from worker.store.messages import list_keys
+from worker.store.vocabulary import EnqueueRow
 
 log = get_logger("worker.intake")
 
@@ -255,7 +256,7 @@ class Intake:
         return _SUCCESS
 
     async def _bulk(self, body: bytes) -> bytes:
-        rows: list[list[Any]] = []
+        rows: list[EnqueueRow] = []
         refused: list[dict[str, Any]] = []
         reasons: Tally[str] = Tally()
         for index, item in enumerate(bulk_items(body, MAX_BULK_ITEMS)):

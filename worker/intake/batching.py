@@ -9,6 +9,7 @@ from typing import Any
 
 from worker.store.keys import Keys
 from worker.store.ledger import enqueue_args, parse_flags
+from worker.store.vocabulary import EnqueueRow
 
 ROUND_TRIP_TIMEOUT_S = 10.0
 
@@ -22,12 +23,12 @@ class Batcher:
         self.script = script
         self.keys = keys
         self.queue = queue
-        self.rows: list[list[Any]] = []
+        self.rows: list[EnqueueRow] = []
         self.waiter: asyncio.Future[list[int]] | None = None
         self.running = False
         self._task: asyncio.Task[None] | None = None  # held so it is not collected mid-run
 
-    async def submit(self, rows: list[list[Any]]) -> list[int]:
+    async def submit(self, rows: list[EnqueueRow]) -> list[int]:
         """Queue ``rows`` (at most ``BATCH``); one flag each: 1 queued, 0 duplicate."""
         loop = asyncio.get_running_loop()
         if self.waiter is None:

@@ -19,6 +19,7 @@ from urllib.parse import unquote, unquote_plus
 from worker.errors import ReportError
 from worker.producer import MAX_TASK_ID, fields, parse_task_id, validate
 from worker.settings import Settings
+from worker.store.vocabulary import EnqueueRow
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
@@ -210,7 +211,7 @@ def _lines(text: bytes) -> Iterator[Any]:
                 yield ItemRefusal(Reason.INVALID_JSON, _invalid_json(exc, "the line"))
 
 
-def bulk_row(settings: Settings, item: Any) -> list[Any]:
+def bulk_row(settings: Settings, item: Any) -> EnqueueRow:
     """One bulk item as an enqueue row, or :class:`ItemRefusal` naming what failed."""
     if not (isinstance(item, dict) or (isinstance(item, list) and len(item) in (2, 3))):
         raise ItemRefusal(

@@ -21,9 +21,9 @@ from worker.settings.models import (
     Provider,
     RateLimit,
     Settings,
-    abbreviate,
     client_key,
 )
+from worker.settings.quoting import abbreviate
 from worker.settings.redis_url import mask_url
 
 __all__ = [

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from worker.errors import ConfigError, ReportError
+from worker.settings.quoting import abbreviate
 
 KINDS = ("image", "token")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -60,7 +61,8 @@ class CaptchaTypes:
             if found is not None:
                 return found
         raise ReportError(
-            f"unknown captchaType {name!r}; accepted (case-insensitive): {', '.join(self.names)}"
+            f"unknown captchaType {abbreviate(name)}; accepted (case-insensitive): "
+            + ", ".join(self.names)
         )
 
     @property

@@ -26,9 +26,9 @@ from worker.settings.models import (
     Provider,
     RateLimit,
     Settings,
-    abbreviate,
     default_home,
 )
+from worker.settings.quoting import abbreviate
 from worker.settings.redis_url import check_redis_url
 
 DEFAULT_FILES = ("report-forwarder.toml", "providers.toml", "captcha-types.toml")

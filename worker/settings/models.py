@@ -13,6 +13,7 @@ from pathlib import Path
 
 from worker.errors import ReportError
 from worker.settings.captcha_types import CaptchaType, CaptchaTypes
+from worker.settings.quoting import abbreviate
 
 # A producer's or the command line's patience with an unreachable Redis: retried for this
 # long before it gives up (exit 3). Workers keep their own, longer patience (store.py).
@@ -151,16 +152,6 @@ class Settings:
                 f"{', '.join(sorted(self.accounts))}"
             )
         return found
-
-
-def abbreviate(value: object, limit: int = 80) -> str:
-    """``repr(value)`` cut to about ``limit`` characters, for messages that quote input
-    (never raises, even for an integer too long for ``repr``)."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int beyond Python's digit limit for str()
-        return f"<an integer of {value.bit_length() if isinstance(value, int) else '?'} bits>"
-    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
 
 
 def client_key(account: Account, environ: Mapping[str, str] | None = None) -> str | None:

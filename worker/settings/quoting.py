@@ -1,0 +1,13 @@
+"""Quoting hostile input in messages: short, and never an exception of its own."""
+
+from __future__ import annotations
+
+
+def abbreviate(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for messages that quote input
+    (never raises, even for an integer too long for ``repr``)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's digit limit for str()
+        return f"<an integer of {value.bit_length() if isinstance(value, int) else '?'} bits>"
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
