@@ -102,6 +102,14 @@ def test_deep_nesting_is_a_400_on_both_routes(
     assert "nested too deeply" in str(doc["errorDescription"])
 
 
+def test_a_long_unknown_path_is_a_short_404(intake: Server, http: requests.Session) -> None:
+    """A 10,000-character unknown path gets a 404 whose description quotes it cut short."""
+    response = http.post(intake.url + "/" + "x" * 10_000, data="{}", headers=JSON, timeout=10)
+    doc = check_answer(response)
+    assert (404, "ERROR_NO_SUCH_METHOD") == (response.status_code, doc["errorCode"])
+    assert len(response.content) < 400
+
+
 def test_deep_values_and_huge_numbers_in_bulk_refuse_only_their_item(
     intake: Server, http: requests.Session, redis_client: redis.Redis
 ) -> None:
