@@ -15,7 +15,7 @@ Every report must end with exactly one outcome — accepted by the sandbox, or d
 with a reason — and the sandbox may have seen a report twice only for reports in flight at
 a kill (the bound is measured at each kill, not fixed).
 
-Used by tests/test_crash.py (one run per mode) and runnable on its own::
+Used by tests/integration/test_crash.py (one run per mode) and runnable on its own::
 
     .venv/bin/python -m tests.crash_harness --mode squeeze --runs 5 --reports 3000
 """

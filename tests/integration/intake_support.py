@@ -12,7 +12,7 @@ from worker.intake import Intake
 from worker.intake.server import ConnectionGuard, ConnectionLimits, uvicorn_config
 from worker.testing.processes import free_port
 
-from ..conftest import wait_until
+from .conftest import wait_until
 
 
 class Server:

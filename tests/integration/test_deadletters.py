@@ -14,7 +14,7 @@ from worker.settings import Settings
 from worker.store.keys import Keys
 from worker.testing.sandbox import Rule, Sandbox
 
-from ..conftest import FAST_RECOVERY, Service, running_worker, wait_until
+from .conftest import FAST_RECOVERY, Service, running_worker, wait_until
 
 
 def _cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:

@@ -27,7 +27,7 @@ from worker.settings import Settings
 from worker.testing.processes import free_port
 from worker.testing.sandbox import Sandbox
 
-from ..conftest import CLIENT_KEY, Service, queue_length, running_worker, wait_until
+from .conftest import CLIENT_KEY, Service, queue_length, running_worker, wait_until
 from .intake_support import Server
 
 IMAGE = "/reportIncorrectImageCaptcha"

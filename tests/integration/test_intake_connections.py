@@ -26,7 +26,7 @@ from worker.intake import Intake
 from worker.intake.server import FD_RESERVE, ConnectionLimits, fitted
 from worker.settings import Settings
 
-from ..conftest import CLIENT_KEY, queue_length, wait_until
+from .conftest import CLIENT_KEY, queue_length, wait_until
 from .intake_support import Server, read_until_closed, request_bytes
 
 IMAGE = "/reportIncorrectImageCaptcha"

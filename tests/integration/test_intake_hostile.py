@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from worker.intake import Intake
 from worker.settings import Settings
 
-from ..conftest import CLIENT_KEY, queue_length
+from .conftest import CLIENT_KEY, queue_length
 from .intake_support import Server
 
 IMAGE = "/reportIncorrectImageCaptcha"

@@ -21,7 +21,7 @@ from worker.store.messages import list_key
 from worker.testing.processes import WorkerProcesses
 from worker.testing.sandbox import Rule, Sandbox
 
-from ..conftest import (
+from .conftest import (
     CLIENT_KEY,
     FAST_RECOVERY,
     cli_env,

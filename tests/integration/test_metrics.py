@@ -28,7 +28,7 @@ from worker.store.keys import Keys
 from worker.testing.processes import WorkerProcesses, free_port
 from worker.testing.sandbox import Rule, Sandbox
 
-from ..conftest import FAST_RECOVERY, cli_env, wait_until
+from .conftest import FAST_RECOVERY, cli_env, wait_until
 
 
 @pytest.fixture

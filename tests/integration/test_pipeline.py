@@ -11,8 +11,8 @@ import structlog
 from worker.settings import Settings
 from worker.testing.sandbox import Sandbox
 
-from ..conftest import CLIENT_KEY, Service, all_redis_bytes, queued_messages, wait_until
 from ..unit.test_captcha_types import IMAGE_NAMES, TOKEN_NAMES
+from .conftest import CLIENT_KEY, Service, all_redis_bytes, queued_messages, wait_until
 
 IMAGE_TYPES = list(IMAGE_NAMES)  # docs/design.md §7, kept once in test_captcha_types
 TOKEN_TYPES = list(TOKEN_NAMES)
@@ -122,7 +122,7 @@ def test_duplicate_enqueue_while_pending_or_accepted_is_sent_once(
 ) -> None:
     """The same (account, taskId) enqueued again while pending, then after acceptance, is
     reported as duplicate and reaches the API once."""
-    from ..conftest import running_worker
+    from .conftest import running_worker
 
     with running_worker(settings, env, concurrency) as svc:
         assert "queued" == svc.producer.enqueue(31, "image")

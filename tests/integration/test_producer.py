@@ -15,8 +15,8 @@ from worker.producer import Producer
 from worker.settings import Settings
 from worker.store.keys import Keys
 
-from ..conftest import queue_length
 from ..unit.test_producer import HUGE, hostile_ids, json_leaves
+from .conftest import queue_length
 
 BAD_IDS = [0, -1, "-5", "abc", "", " ", 1.5, "1.5", True, None, 2**63, "１２"]
 

@@ -17,8 +17,8 @@ from worker.settings import load_settings
 from worker.store.keys import Keys
 from worker.testing.sandbox import Rule, Sandbox
 
-from ..conftest import FAST_RECOVERY, running_worker, wait_until
 from ..redis_bytes import as_bytes, stream_entries
+from .conftest import FAST_RECOVERY, running_worker, wait_until
 
 KEYS = {"cm": "capmonster-key-1111", "ac": "anticaptcha-key-2222", "tc": "twocaptcha-key-3333"}
 

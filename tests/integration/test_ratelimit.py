@@ -25,8 +25,8 @@ from worker.store.keys import Keys
 from worker.testing.processes import WorkerProcesses
 from worker.testing.sandbox import Rule, Sandbox
 
-from ..conftest import CLIENT_KEY, FAST_RECOVERY, cli_env, running_worker, wait_until
 from ..redis_bytes import scored_members
+from .conftest import CLIENT_KEY, FAST_RECOVERY, cli_env, running_worker, wait_until
 
 OTHER_KEY = "other-account-key-77"
 TWO_ACCOUNTS = (

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import cli_env
+from .conftest import cli_env
 
 
 def _count(label: str, summary: str) -> int:

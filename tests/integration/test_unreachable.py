@@ -25,8 +25,8 @@ from worker.settings import Settings
 from worker.store import connection as store
 from worker.testing.processes import RedisProcess, free_port
 
-from ..clirun import run_cli
-from ..conftest import cli_env
+from .clirun import run_cli
+from .conftest import cli_env
 
 SECRET = "s3cret-pw-9d1f"
 

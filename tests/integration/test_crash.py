@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from .crash_harness import run_once
+from ..crash_harness import run_once
 
 
 def _assert_every_report_has_one_outcome(result: object) -> None:
-    from .crash_harness import RunResult
+    from ..crash_harness import RunResult
 
     assert isinstance(result, RunResult)
     assert [] == result.lost
