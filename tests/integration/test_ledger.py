@@ -14,6 +14,7 @@ from worker.store.keys import UNACKED, Keys
 from worker.store.ledger import Claim, Ledger
 from worker.store.messages import list_keys, template
 
+from ..redis_bytes import stream_entries
 from .conftest import queue_length, queued_messages, wait_until
 
 REF = "default:7"
@@ -87,7 +88,7 @@ def test_report_whose_worker_keeps_dying_becomes_poison(
         events = wait_until(lambda: ledger.sweep(lease_s=30, max_deliveries=3, lost_grace_s=30))
         kinds += [e.kind for e in events]
     assert ["lease_expired", "lease_expired", "poison"] == kinds
-    ((_, fields),) = redis_client.xrange(keys.dead)
+    ((_, fields),) = stream_entries(redis_client, keys.dead)
     assert (b"7", b"poison", b"HCaptchaTask", b"3") == (
         fields[b"task_id"],
         fields[b"reason"],
@@ -291,7 +292,7 @@ def test_replayed_dead_letter_is_removed_in_the_same_step(
     message_id, _ = _pop(redis_client, "reports")
     ledger.claim(REF, message_id, 30)
     ledger.finish(REF, message_id, "dead", attempts=1, reason="rejected", error_code="E")
-    ((dead_id, _),) = redis_client.xrange(keys.dead)
+    ((dead_id, _),) = stream_entries(redis_client, keys.dead)
     assert [1] == ledger.enqueue([producer.row(7, "image", "default", dead_id.decode())])
     assert 0 == redis_client.xlen(keys.dead)
     assert 1 == queue_length(redis_client)

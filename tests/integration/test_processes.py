@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,11 +17,14 @@ from worker.store.keys import Keys
 from worker.testing.processes import WorkerProcesses
 from worker.testing.sandbox import Rule, Sandbox
 
+from ..redis_bytes import stream_entries
 from .conftest import CLIENT_KEY, FAST_RECOVERY, cli_env, wait_until
 
 
 @pytest.fixture
-def two_workers(env: dict[str, str], tmp_path: Path, redis_client: redis.Redis):  # type: ignore[no-untyped-def]
+def two_workers(
+    env: dict[str, str], tmp_path: Path, redis_client: redis.Redis
+) -> Iterator[tuple[dict[str, str], list[subprocess.Popen[bytes]]]]:
     del redis_client  # flushed
     config = tmp_path / "workers.toml"
     config.write_text(FAST_RECOVERY)
@@ -34,7 +39,7 @@ def two_workers(env: dict[str, str], tmp_path: Path, redis_client: redis.Redis):
 
 @pytest.mark.timeout(120)
 def test_account_pause_holds_across_two_worker_processes(
-    two_workers: tuple[dict[str, str], list[object]],
+    two_workers: tuple[dict[str, str], list[subprocess.Popen[bytes]]],
     sandbox: Sandbox,
     redis_client: redis.Redis,
 ) -> None:
@@ -49,7 +54,7 @@ def test_account_pause_holds_across_two_worker_processes(
     result = producer.enqueue_many([(n, "image") for n in range(1, 201)])
     assert 200 == result.queued
     wait_until(lambda: redis_client.xlen(keys.dead) == 200, timeout=60)
-    reasons = [f[b"reason"] for _, f in redis_client.xrange(keys.dead)]
+    reasons = [f[b"reason"] for _, f in stream_entries(redis_client, keys.dead)]
     calls = sandbox.count()
     assert calls == reasons.count(b"account_fault")
     assert calls <= 2 * 16  # at most what was in flight on both workers when it paused

@@ -18,10 +18,10 @@ ROOT = Path(__file__).resolve().parents[2]
         ["ruff", "format", "--check", "."],
         ["mypy"],
     ],
-    ids=["ruff-check", "ruff-format", "mypy-strict"],
+    ids=["ruff-check", "ruff-format", "mypy"],
 )
 def test_code_passes(command: list[str]) -> None:
-    """The tree passes ruff and strict mypy on worker/."""
+    """The tree passes ruff, and mypy (strict on worker/, checked on tests/)."""
     result = subprocess.run(
         [sys.executable, "-m", *command],
         cwd=ROOT,

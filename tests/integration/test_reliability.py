@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import pytest
@@ -19,6 +19,7 @@ from worker.store.keys import Keys
 from worker.store.messages import list_key
 from worker.testing.sandbox import Rule, Sandbox
 
+from ..redis_bytes import stream_entries
 from .conftest import (
     CLIENT_KEY,
     FAST_RECOVERY,
@@ -38,11 +39,11 @@ SHORT_TIMEOUT = FAST_RECOVERY + "\n[worker]\nread_timeout_s = 1.5\n"
 def _dead(client: redis.Redis, keys: Keys) -> dict[int, dict[str, str]]:
     return {
         int(f[b"task_id"]): {k.decode(): v.decode() for k, v in f.items()}
-        for _, f in client.xrange(keys.dead)
+        for _, f in stream_entries(client, keys.dead)
     }
 
 
-def _task_ids(lines: list[dict[str, Any]], event: str) -> list[int]:
+def _task_ids(lines: list[MutableMapping[str, Any]], event: str) -> list[int]:
     """The task ids of the captured ``event`` lines, sorted (repeats kept)."""
     return sorted(x["task_id"] for x in list(lines) if x["event"] == event)
 
