@@ -81,60 +81,36 @@ class HeldMessages:
             return list(self._items)
 
 
-class Heartbeat(threading.Thread):
-    """Beats every ``HEARTBEAT_S``; never raises (a failure is logged at most every 30 s)."""
+class _Periodic(threading.Thread):
+    """A daemon thread running ``tick`` every ``interval_s`` until stopped; it never dies of
+    a failure, which it logs as ``event`` at most every 30 s (with the traceback when it is
+    not a Redis failure)."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        super().__init__(name="report-forwarder-heartbeat", daemon=True)
-        self.runtime = runtime
+    event = "periodic.failed"
+
+    def __init__(self, name: str, interval_s: float) -> None:
+        super().__init__(name=name, daemon=True)
+        self.interval_s = interval_s
         self._stop_event = threading.Event()
         self._last_error = 0.0
 
-    def run(self) -> None:
-        while not self._stop_event.wait(HEARTBEAT_S):
-            try:
-                self.runtime.beat_once()
-            except Exception as exc:
-                now = time.monotonic()
-                if now - self._last_error > 30:
-                    log.warning(
-                        "worker.heartbeat_failed",
-                        error=f"{type(exc).__name__}: {exc}",
-                        exc_info=not isinstance(exc, StoreError),
-                    )
-                    self._last_error = now
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join(timeout=5)
-
-
-class Sweeper(threading.Thread):
-    """Runs the ledger sweep every ``sweep_interval_s`` in each worker process. The sweep is
-    one atomic script, so any number of sweepers on any number of hosts is safe."""
-
-    def __init__(self, runtime: Runtime) -> None:
-        super().__init__(name="report-forwarder-sweeper", daemon=True)
-        self.runtime = runtime
-        self._stop_event = threading.Event()
-        self._last_error = 0.0
+    def tick(self) -> int:
+        raise NotImplementedError
 
     def run(self) -> None:
-        interval = self.runtime.settings.sweep_interval_s
-        while not self._stop_event.wait(interval):
+        while not self._stop_event.wait(self.interval_s):
             while self.run_once() >= 500 and not self._stop_event.is_set():
                 pass  # a full batch: more may be due right now
 
     def run_once(self) -> int:
-        """One sweep; never raises (the sweeper must outlive any one failure, which is
-        logged at most every 30 s)."""
+        """One tick; never raises."""
         try:
-            return len(self.runtime.sweep_once())
+            return self.tick()
         except Exception as exc:
             now = time.monotonic()
             if now - self._last_error > 30:
                 log.warning(
-                    "sweeper.failed",
+                    self.event,
                     error=f"{type(exc).__name__}: {exc}",
                     exc_info=not isinstance(exc, StoreError),
                 )
@@ -144,3 +120,31 @@ class Sweeper(threading.Thread):
     def stop(self) -> None:
         self._stop_event.set()
         self.join(timeout=5)
+
+
+class Heartbeat(_Periodic):
+    """Beats every ``HEARTBEAT_S`` (docs/design.md §4.1)."""
+
+    event = "worker.heartbeat_failed"
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__("report-forwarder-heartbeat", HEARTBEAT_S)
+        self.runtime = runtime
+
+    def tick(self) -> int:
+        self.runtime.beat_once()
+        return 0
+
+
+class Sweeper(_Periodic):
+    """Runs the ledger sweep every ``sweep_interval_s`` in each worker process. The sweep is
+    one atomic script, so any number of sweepers on any number of hosts is safe."""
+
+    event = "sweeper.failed"
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__("report-forwarder-sweeper", runtime.settings.sweep_interval_s)
+        self.runtime = runtime
+
+    def tick(self) -> int:
+        return len(self.runtime.sweep_once())
