@@ -165,6 +165,7 @@ class Producer:
         """``row`` for a bulk call: type and account resolved once per distinct pair, one
         clock reading for the whole call."""
         now = time.time()
+        new_row: Callable[[type[EnqueueRow], tuple[Any, ...]], EnqueueRow] = tuple.__new__
         resolved: dict[tuple[object, object], tuple[str, str, str, float]] = {}
         settings = self.settings
 
@@ -180,7 +181,10 @@ class Producer:
                 number = task_id
             else:
                 number = parse_task_id(task_id)
-            return EnqueueRow(found[0], number, found[1], found[2], f"{now + found[3]:.3f}")
+            # tuple.__new__ directly: a third of EnqueueRow()'s cost, on the bulk hot path
+            return new_row(
+                EnqueueRow, (found[0], number, found[1], found[2], f"{now + found[3]:.3f}", "")
+            )
 
         return make
 

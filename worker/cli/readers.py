@@ -90,6 +90,10 @@ def _json_int(digits: str) -> int | str:
     return int(digits) if len(digits) <= 30 else digits
 
 
+# one decoder for the whole file (json.loads with an argument builds a new one per line)
+_DECODER = json.JSONDecoder(parse_int=_json_int)
+
+
 def _json_items(number: int, first: str, lines: Iterator[_Text], account: str) -> Iterator[Line]:
     for lineno, line, why in itertools.chain([(number, first, None)], lines):
         if line is None:
@@ -98,7 +102,7 @@ def _json_items(number: int, first: str, lines: Iterator[_Text], account: str) -
         if not line.strip():
             continue
         try:
-            item = json.loads(line, parse_int=_json_int)
+            item = _DECODER.decode(line)
         except ValueError as exc:
             detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
             yield lineno, None, f"not JSON ({detail})", "not JSON"
