@@ -18,6 +18,7 @@ from worker.errors import (
     StoreError,
     StoreFullError,
     StoreUnreachableError,
+    StoreUnreplicatedError,
     TransientUpstreamError,
     UpstreamError,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "StoreError",
     "StoreFullError",
     "StoreUnreachableError",
+    "StoreUnreplicatedError",
     "TransientUpstreamError",
     "UpstreamError",
     "__version__",

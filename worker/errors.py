@@ -7,7 +7,8 @@
     ├── ReportError                 invalid taskId / captchaType / account -> refused at enqueue
     ├── StoreError                  Redis failed the call (nothing was accepted) -> exit 3
     │   ├── StoreUnreachableError   cannot connect / timed out, after the bounded retries
-    │   └── StoreFullError          Redis is out of memory (maxmemory, noeviction)
+    │   ├── StoreFullError          Redis is out of memory (maxmemory, noeviction)
+    │   └── StoreUnreplicatedError  fewer replicas than redis.min_replicas_ack had the write
     └── UpstreamError               an answer (or no answer) from the captcha API
         ├── TransientUpstreamError  retry with backoff
         └── PermanentUpstreamError  dead-letter now
@@ -42,6 +43,12 @@ class StoreUnreachableError(StoreError):
 class StoreFullError(StoreError):
     """Redis refused a write because it is out of memory (``maxmemory`` with ``noeviction``).
     Scripts write all or nothing, so nothing of the failed call was kept."""
+
+
+class StoreUnreplicatedError(StoreError):
+    """The primary took the write but fewer than ``redis.min_replicas_ack`` replicas had it
+    in time, so it could be lost in a failover: not reported as done. Retrying is safe (the
+    write is idempotent) and succeeds once the replicas catch up."""
 
 
 class UpstreamError(ForwarderError):

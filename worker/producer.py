@@ -153,6 +153,8 @@ class Producer:
             dedup_ttl_s=settings.dedup_ttl_s,
             dead_max_entries=settings.dead_letter_max_entries,
             dead_max_age_s=settings.dead_letter_max_age_s,
+            # a report is "queued" only once enough replicas have it (docs/design.md §8)
+            acks=store.replica_acks(settings, settings.connect_retry_s),
         )
 
     def row(

@@ -11,7 +11,9 @@ import sys
 import click
 
 from worker.cli.app import command_logging, current_state, main
+from worker.errors import StoreError
 from worker.settings import client_key
+from worker.settings.redis_url import is_sentinel, parse_sentinel
 from worker.store import connection as store
 from worker.store import embedded
 
@@ -26,6 +28,8 @@ def check_config(as_json: bool) -> None:
         "redis": (settings.redis_url and store.describe(settings.redis_url))
         or f"embedded ({embedded.url_for(settings.home)})",
         "redis_connect_retry_s": settings.connect_retry_s,
+        "redis_min_replicas_ack": settings.min_replicas_ack,
+        **_sentinel_view(settings.redis_url),
         "home": str(settings.home),
         "queue": settings.queue,
         "key_prefix": settings.key_prefix,
@@ -68,6 +72,28 @@ def check_config(as_json: bool) -> None:
     missing = [a.key_env for a in settings.accounts.values() if client_key(a) is None]
     if missing:
         click.echo(f"note: {', '.join(missing)} unset: workers will refuse to start", err=True)
+
+
+def _sentinel_view(url: str) -> dict[str, object]:
+    """For a Sentinel URL: the Sentinels, the master's name, and the primary they name now
+    (asked at once, so ops see where writes go; "unknown: ..." when none answers)."""
+    if not is_sentinel(url):
+        return {}
+    target = parse_sentinel(url)
+    try:
+        host, port = store.primary_address(url)
+        primary = f"{host}:{port}"
+    except StoreError as exc:
+        primary = f"unknown: {exc}"
+    return {
+        "sentinel": {
+            "sentinels": ", ".join(f"{h}:{p}" for h, p in target.sentinels),
+            "master_name": target.master_name,
+            "primary": primary,
+            "sentinel_password": "(set)" if target.sentinel_password else "(none)",
+            "tls": target.tls,
+        }
+    }
 
 
 def _mask(key: str | None) -> str:

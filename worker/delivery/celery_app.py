@@ -110,7 +110,10 @@ def create_app(runtime: Runtime) -> ForwarderApp:
             "socket_timeout": 30,
             "retry_on_timeout": True,
             "health_check_interval": 10,
+            # a Sentinel URL: the master's name and the Sentinels' own password
+            **store.broker_options(runtime.redis_url),
         },
+        broker_use_ssl=store.broker_ssl(runtime.redis_url),
         result_backend=None,
         task_ignore_result=True,
         task_serializer="json",

@@ -40,7 +40,7 @@ from worker.store import calls as guarded
 from worker.store import connection as store
 from worker.store import scripts
 from worker.store.keys import Keys
-from worker.store.ledger import WORKER_TIMEOUT_S, Ledger, SweepEvent
+from worker.store.ledger import UNREPLICATED_BACKOFF_S, WORKER_TIMEOUT_S, Ledger, SweepEvent
 
 log = get_logger("worker.runtime")
 
@@ -80,6 +80,8 @@ class Runtime(ReportSteps):
             dedup_ttl_s=settings.dedup_ttl_s,
             dead_max_entries=settings.dead_letter_max_entries,
             dead_max_age_s=settings.dead_letter_max_age_s,
+            acks=store.replica_acks(settings, STORE_RETRY_S),
+            on_unreplicated=self._unreplicated,
         )
         self.policy = Policy(
             max_attempts=settings.max_attempts,
@@ -232,6 +234,17 @@ class Runtime(ReportSteps):
         except Exception:  # a defect: the report stays running under us; the sweep re-queues it
             log.exception("report.failed", ref=ref)
         return None
+
+    def _unreplicated(self, what: str, replicas: int) -> None:
+        """An outcome the replicas did not confirm in time: it stands on the primary, and
+        a failover now could send its report again (docs/design.md §8)."""
+        log.warning(
+            "store.unreplicated",
+            call=what,
+            replicas=replicas,
+            wanted=self.settings.min_replicas_ack,
+            waits_again_in_s=UNREPLICATED_BACKOFF_S,
+        )
 
     def _store(self, call: Callable[[], T], what: str) -> T:
         """``call()``, retried while Redis is full or unreachable (for ``STORE_RETRY_S``, or

@@ -40,7 +40,7 @@ import redis
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from worker.errors import ReportError
+from worker.errors import ReportError, StoreError
 from worker.intake.batching import Batcher, ClientLimiter
 from worker.intake.input import (
     ClientGoneError,
@@ -160,7 +160,7 @@ class Intake:
             body = json.dumps(
                 {"errorId": 1, "errorCode": refusal.code, "errorDescription": refusal.description}
             ).encode()
-        except (redis.RedisError, OSError, TimeoutError) as exc:
+        except (redis.RedisError, StoreError, OSError, TimeoutError) as exc:
             log.warning("intake.redis_failed", error=f"{type(exc).__name__}: {exc}")
             status, ctype, body = 503, b"application/json", _UNAVAILABLE
         except ClientGoneError:
@@ -190,11 +190,14 @@ class Intake:
                 return
 
     async def startup(self) -> None:
-        self.client = aioredis.Redis.from_url(self.redis_url, socket_connect_timeout=5)
+        self.client = store.connect_async(self.redis_url, connect_timeout_s=5)
         self.sync_client = store.connect(self.redis_url, retries=2)
         self.metrics.watch(self.sync_client, self.settings)
         self.batcher = Batcher(
-            self.client.register_script(ENQUEUE_SCRIPT), self.keys, self.settings.queue
+            self.client.register_script(ENQUEUE_SCRIPT),
+            self.keys,
+            self.settings.queue,
+            acks=store.replica_acks(self.settings, self.settings.connect_retry_s),
         )
 
     async def shutdown(self) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import time
 from typing import Any
 
+from worker.store import replication
 from worker.store.keys import Keys
 from worker.store.ledger import enqueue_args, parse_flags
 from worker.store.vocabulary import EnqueueRow
@@ -19,10 +20,19 @@ class Batcher:
     first row goes at once; rows arriving while a round trip is in flight gather for the
     next one, and all their requests wait on that one round trip's answer."""
 
-    def __init__(self, script: Any, keys: Keys, queue: str) -> None:
+    def __init__(
+        self,
+        script: Any,
+        keys: Keys,
+        queue: str,
+        acks: replication.ReplicaAcks | None = None,
+    ) -> None:
         self.script = script
         self.keys = keys
         self.queue = queue
+        # with replicas to wait for, a request is answered only once they have its reports
+        # (within the round trip's timeout; else 503, never a success that could be lost)
+        self.acks = acks or replication.ReplicaAcks()
         self.rows: list[EnqueueRow] = []
         self.waiter: asyncio.Future[list[int]] | None = None
         self.running = False
@@ -51,7 +61,10 @@ class Batcher:
                     args = enqueue_args(self.keys, self.queue, rows)
                     # one timeout per round trip (cheaper than a socket timeout per command)
                     async with asyncio.timeout(ROUND_TRIP_TIMEOUT_S):
-                        flags = parse_flags(await self.script(args=args))
+                        if self.acks.replicas:
+                            flags = await self._acked(args)
+                        else:
+                            flags = parse_flags(await self.script(args=args))
                 except Exception as exc:  # every request of this batch gets the failure
                     waiter.set_exception(exc)
                     waiter.exception()  # retrieved: no "never retrieved" warning if all left
@@ -59,6 +72,31 @@ class Batcher:
                 waiter.set_result(flags)
         finally:
             self.running = False
+
+
+    async def _acked(self, args: list[Any]) -> list[int]:
+        """The enqueue script then WAIT, re-run until enough replicas acknowledge it (a
+        re-run answers "duplicate" for what the first queued: queued if either did), for
+        at most the replica budget; StoreUnreplicatedError after that."""
+        budget = min(self.acks.budget_s, ROUND_TRIP_TIMEOUT_S - 1)
+        deadline = time.monotonic() + budget
+        client = self.script.registered_client
+        marker = self.keys.acked
+        reply, count = await replication.run_once_async(
+            client, self.script, (), args, marker=marker, acks=self.acks
+        )
+        flags = parse_flags(reply)
+        delay = 0.05
+        while count < self.acks.replicas and time.monotonic() + delay < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+            reply, count = await replication.run_once_async(
+                client, self.script, (), args, marker=marker, acks=self.acks
+            )
+            flags = [max(a, b) for a, b in zip(flags, parse_flags(reply), strict=True)]
+        if count < self.acks.replicas:
+            raise replication.shortfall(self.acks, count, "", "could not enqueue")
+        return flags
 
 
 class ClientLimiter:

@@ -22,6 +22,7 @@ from worker.errors import ConfigError
 from worker.settings.captcha_types import CaptchaTypes
 from worker.settings.models import (
     DEFAULT_CONNECT_RETRY_S,
+    DEFAULT_REPLICA_ACK_TIMEOUT_S,
     Account,
     Provider,
     RateLimit,
@@ -39,7 +40,7 @@ MAX_NUMBER = 1e9  # no setting means anything beyond this (31 years, a billion e
 
 # Keys a file may set besides those in the checked-in defaults (documented there, commented
 # out because their default lives in code).
-OPTIONAL_KEYS = ("redis.connect_retry_s",)
+OPTIONAL_KEYS = ("redis.connect_retry_s", "redis.min_replicas_ack", "redis.replica_ack_timeout_s")
 ACCOUNT_KEYS = ("provider", "key_env", "rate_limit", "api_url", "deadline_s")
 PROVIDER_KEYS = ("base_url", "deadline_s", "endpoints", "error_codes")
 FREE_TABLES = ("types", "families")  # any name = value
@@ -54,6 +55,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "REPORT_FORWARDER_RATE_LIMIT": "accounts.default.rate_limit",
     "REPORT_FORWARDER_API_URL": "api_url_override",
     "REPORT_FORWARDER_CONNECT_RETRY_S": "redis.connect_retry_s",
+    "REPORT_FORWARDER_MIN_REPLICAS_ACK": "redis.min_replicas_ack",
 }
 
 
@@ -296,6 +298,13 @@ def _build(
         sources=sources,
         connect_retry_s=r.number(
             "redis.connect_retry_s", maximum=300, default=DEFAULT_CONNECT_RETRY_S
+        ),
+        min_replicas_ack=r.number("redis.min_replicas_ack", maximum=16, integer=True, default=0),
+        replica_ack_timeout_s=r.number(
+            "redis.replica_ack_timeout_s",
+            minimum=0.01,
+            maximum=3,
+            default=DEFAULT_REPLICA_ACK_TIMEOUT_S,
         ),
     )
     min_visibility = settings.lease_s + settings.read_timeout_s + settings.connect_timeout_s

@@ -18,6 +18,9 @@ from worker.settings.quoting import abbreviate
 # A producer's or the command line's patience with an unreachable Redis: retried for this
 # long before it gives up (exit 3). Workers keep their own, longer patience (store.py).
 DEFAULT_CONNECT_RETRY_S = 5.0
+# How long one WAIT for replica acknowledgements may block (``redis.min_replicas_ack``); a
+# caller retries within its own patience, so this bounds one round trip, not the wait.
+DEFAULT_REPLICA_ACK_TIMEOUT_S = 1.0
 
 _PERIODS = {
     "s": 1.0,
@@ -138,6 +141,9 @@ class Settings:
     captcha_types: CaptchaTypes
     sources: tuple[str, ...] = ()
     connect_retry_s: float = DEFAULT_CONNECT_RETRY_S
+    # Writes that must survive a failover wait for this many replicas (WAIT); 0: none.
+    min_replicas_ack: int = 0
+    replica_ack_timeout_s: float = DEFAULT_REPLICA_ACK_TIMEOUT_S
 
     @property
     def embedded_redis(self) -> bool:

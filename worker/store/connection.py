@@ -12,8 +12,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import redis
+import redis.asyncio
+import redis.asyncio.sentinel
+import redis.sentinel
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -25,7 +29,9 @@ from worker.errors import (
     StoreUnreachableError,
 )
 from worker.settings import Settings, mask_url
+from worker.settings.redis_url import SentinelTarget, is_sentinel, parse_sentinel
 from worker.store import embedded
+from worker.store.replication import ReplicaAcks
 
 T = TypeVar("T")
 
@@ -84,11 +90,93 @@ def resolve_url(settings: Settings) -> str:
     return embedded.ensure_running(settings.home)
 
 
+def replica_acks(settings: Settings, budget_s: float) -> ReplicaAcks:
+    """``redis.min_replicas_ack`` as the ledger takes it; ``budget_s``: how long the caller
+    keeps trying before a shortfall is an error (a producer's ``connect_retry_s``)."""
+    return ReplicaAcks(
+        settings.min_replicas_ack, settings.replica_ack_timeout_s, budget_s=max(0.0, budget_s)
+    )
+
+
 def broker_url(url: str) -> str:
-    """The same server as a kombu broker URL (kombu spells unix sockets differently)."""
+    """The same server as a kombu broker URL (kombu spells unix sockets differently; its
+    Sentinel URLs carry the data password and database on the first part, the rest in
+    :func:`broker_options`)."""
     if url.startswith("unix://"):
         return "redis+socket://" + url.removeprefix("unix://")
+    if is_sentinel(url):
+        target = parse_sentinel(url)
+        credentials = ""
+        if target.password is not None:
+            user = quote(target.username or "", safe="")
+            credentials = f"{user}:{quote(target.password, safe='')}@"
+        parts = [f"sentinel://{_hostport(host, port)}" for host, port in target.sentinels]
+        parts[0] = f"sentinel://{credentials}{_hostport(*target.sentinels[0])}/{target.db}"
+        return ";".join(parts)
     return url
+
+
+def broker_options(url: str) -> dict[str, Any]:
+    """kombu transport options that a Sentinel URL implies (none for a plain server)."""
+    if not is_sentinel(url):
+        return {}
+    target = parse_sentinel(url)
+    return {"master_name": target.master_name, "sentinel_kwargs": _sentinel_kwargs(target)}
+
+
+def broker_ssl(url: str) -> dict[str, Any] | None:
+    """Celery's ``broker_use_ssl`` for a ``sentinels://`` URL (certificates verified)."""
+    if is_sentinel(url) and parse_sentinel(url).tls:
+        import ssl
+
+        return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return None
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _sentinel_kwargs(target: SentinelTarget, timeout_s: float = 3.0) -> dict[str, Any]:
+    """How to talk to the Sentinels themselves (their own password, TLS, short timeouts:
+    one silent Sentinel must not hold up asking the next)."""
+    kwargs: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    if target.sentinel_password is not None:
+        kwargs["password"] = target.sentinel_password
+    if target.sentinel_username is not None:
+        kwargs["username"] = target.sentinel_username
+    if target.tls:
+        kwargs["ssl"] = True
+    return kwargs
+
+
+def _data_kwargs(target: SentinelTarget) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"db": target.db}
+    if target.password is not None:
+        kwargs["password"] = target.password
+    if target.username is not None:
+        kwargs["username"] = target.username
+    if target.tls:
+        kwargs["ssl"] = True
+    return kwargs
+
+
+def primary_address(url: str, timeout_s: float = 3.0) -> tuple[str, int]:
+    """The primary the Sentinels name now (asked afresh): StoreUnreachableError when no
+    Sentinel answers or none knows the master."""
+    target = parse_sentinel(url)
+    sentinel: Any = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        list(target.sentinels), sentinel_kwargs=_sentinel_kwargs(target, timeout_s)
+    )
+    try:
+        host, port = sentinel.discover_master(target.master_name)
+    except (redis.RedisError, OSError) as exc:
+        doing = f"no Sentinel named the primary of {target.master_name!r}"
+        raise translate(exc, url, doing) from exc
+    finally:
+        for one in sentinel.sentinels:
+            one.close()
+    return str(host), int(port)
 
 
 def connect(url: str, *, retries: int = _RETRIES, retry_s: float | None = None) -> redis.Redis:
@@ -103,18 +191,50 @@ def connect(url: str, *, retries: int = _RETRIES, retry_s: float | None = None) 
     else:
         retry = BoundedRetry(retry_s)
         connect_timeout, read_timeout = SHORT_CONNECT_TIMEOUT_S, SHORT_READ_TIMEOUT_S
+    options: dict[str, Any] = {
+        "retry": retry,
+        "retry_on_error": list(_RETRY_ON),
+        "socket_timeout": read_timeout,
+        "socket_connect_timeout": connect_timeout,
+        "health_check_interval": 30,
+        "decode_responses": False,
+    }
     try:
-        return redis.Redis.from_url(
-            url,
-            retry=retry,
-            retry_on_error=list(_RETRY_ON),
-            socket_timeout=read_timeout,
-            socket_connect_timeout=connect_timeout,
-            health_check_interval=30,
-            decode_responses=False,
-        )
+        if is_sentinel(url):
+            # every new connection asks the Sentinels for the primary: after a failover the
+            # retried command reaches the new one (an old primary that came back as a
+            # replica answers READONLY, which redis-py turns into a reconnect)
+            target = parse_sentinel(url)
+            sentinel: Any = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+                list(target.sentinels),
+                sentinel_kwargs=_sentinel_kwargs(target, min(connect_timeout, 3.0)),
+            )
+            client: redis.Redis = sentinel.master_for(
+                target.master_name, redis_class=redis.Redis, **_data_kwargs(target), **options
+            )
+            return client
+        return redis.Redis.from_url(url, **options)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"redis.url = {describe(url)!r}: not a usable Redis URL ({exc})") from exc
+
+
+def connect_async(url: str, connect_timeout_s: float = 5.0) -> redis.asyncio.Redis:
+    """An asyncio client (the intake's): a plain URL, or the primary a Sentinel URL names,
+    looked up again on every new connection."""
+    if is_sentinel(url):
+        target = parse_sentinel(url)
+        sentinel: Any = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            list(target.sentinels),
+            sentinel_kwargs=_sentinel_kwargs(target, min(connect_timeout_s, 3.0)),
+        )
+        client: redis.asyncio.Redis = sentinel.master_for(
+            target.master_name,
+            redis_class=redis.asyncio.Redis,
+            socket_connect_timeout=connect_timeout_s,
+            **_data_kwargs(target),
+        )
+        return client
+    return redis.asyncio.Redis.from_url(url, socket_connect_timeout=connect_timeout_s)
 
 
 def describe(url: str) -> str:
@@ -127,6 +247,14 @@ def describe_client(client: redis.Redis) -> str:
     """Which Redis a client talks to, as a URL without any password."""
     pool = client.connection_pool
     kwargs = pool.connection_kwargs
+    if isinstance(pool, redis.sentinel.SentinelConnectionPool):
+        addresses = [
+            one.connection_pool.connection_kwargs for one in pool.sentinel_manager.sentinels
+        ]
+        hosts = ";".join(
+            f"sentinel://{_hostport(a.get('host', '?'), a.get('port', 26379))}" for a in addresses
+        )
+        return f"{hosts}/{kwargs.get('db', 0)}?master_name={pool.service_name}"
     if "path" in kwargs:
         return f"unix://{kwargs['path']}"
     scheme = "rediss" if issubclass(pool.connection_class, redis.SSLConnection) else "redis"

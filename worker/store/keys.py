@@ -32,6 +32,8 @@ Workers (each worker process has an id; its heartbeat thread beats every second)
 ``{p}:lastsweep``, ``{p}:stallguard``  when the last sweep ran; a stall in sweeps suspends
                                dead-worker detection for one timeout
 ``{p}:oom``            STRING  written (SETNX) first by every script: see ``ledger.py``
+``{p}:acked``          STRING  rewritten after each write that waits for replicas, so that
+                               WAIT always covers it (see ``replication.py``)
 
 Shared:
 
@@ -63,6 +65,10 @@ class Keys:
 
     def report(self, account: str, task_id: int) -> str:
         return f"{self.prefix}:r:{account}:{task_id}"
+
+    @property
+    def acked(self) -> str:
+        return f"{self.prefix}:acked"
 
     @property
     def sched(self) -> str:

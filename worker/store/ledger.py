@@ -41,16 +41,21 @@ are dynamic, so this layout targets a single Redis server or a replica set, not 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from worker.store import calls as guarded
-from worker.store import messages, scripts
+from worker.store import messages, replication, scripts
+from worker.store.connection import describe_client
 from worker.store.keys import UNACKED, UNACKED_INDEX, Keys
 from worker.store.vocabulary import Finish
+
+# After a finish that too few replicas acknowledged, finishes stop waiting for this long
+# (workers keep delivering while a replica is down; docs/design.md §8).
+UNREPLICATED_BACKOFF_S = 10.0
 
 # The heartbeat: how often a worker says it is alive, and how long without one before the
 # sweep (any worker's) takes it for dead and hands its reports on.
@@ -129,8 +134,14 @@ class Ledger:
         dedup_ttl_s: int = 3600,
         dead_max_entries: int = 100_000,
         dead_max_age_s: int = 7 * 86400,
+        acks: replication.ReplicaAcks | None = None,
+        on_unreplicated: Callable[[str, int], None] | None = None,
     ) -> None:
         self.client = client
+        # enqueue and finish wait for this many replicas (docs/design.md §8); 0: no waiting
+        self.acks = acks or replication.ReplicaAcks()
+        self.on_unreplicated = on_unreplicated
+        self._finish_waits_after = 0.0
         self.keys = keys
         self.queue = queue
         self.urgent_list, self.normal_list = messages.list_keys(queue)
@@ -155,15 +166,50 @@ class Ledger:
         unreachable, other). Scripts write all or nothing, so a failed call changed nothing."""
         return guarded.call(script, keys=keys, args=args, on=self.client)
 
+    def _acked_attempt(
+        self, script: Any, args: Sequence[Any], keys: Sequence[str]
+    ) -> Callable[[], tuple[Any, int]]:
+        """One run of ``script`` followed by WAIT (``replication.run_once``)."""
+
+        def attempt() -> tuple[Any, int]:
+            return guarded.call(
+                replication.run_once,
+                self.client,
+                script,
+                keys,
+                args,
+                marker=self.keys.acked,
+                acks=self.acks,
+                on=self.client,
+            )
+
+        return attempt
+
     def enqueue(self, rows: Sequence[Sequence[Any]], *, per_message: int = 1) -> list[int]:
         """Queue ``rows`` (:class:`~worker.store.vocabulary.EnqueueRow`, or any sequence of its
         fields: account, task_id, type, kind, deadline, dead-letter id or '');
         one flag per row: 1 queued, 0 duplicate."""
         if not rows:
             return []
-        return parse_flags(
-            self._run(self._enqueue, enqueue_args(self.keys, self.queue, rows, per_message))
+        args = enqueue_args(self.keys, self.queue, rows, per_message)
+        if not self.acks.replicas:
+            return parse_flags(self._run(self._enqueue, args))
+        # a re-run answers "duplicate" for what the first run queued: queued if either did
+        attempt = self._acked_attempt(self._enqueue, args, ())
+
+        def flagged() -> tuple[list[int], int]:
+            reply, count = attempt()
+            return parse_flags(reply), count
+
+        flags, count = replication.until_acked(
+            flagged,
+            self.acks,
+            merge=lambda first, again: [max(a, b) for a, b in zip(first, again, strict=True)],
         )
+        if count < self.acks.replicas:
+            where = f" at {describe_client(self.client)}"
+            raise replication.shortfall(self.acks, count, where, "could not enqueue")
+        return list(flags)
 
     def claim(
         self,
@@ -222,8 +268,7 @@ class Ledger:
         now = time.time()
         arg = f"{due:.6f}" if outcome in (Finish.RETRY, Finish.DEFER) else reason
         tail = ["done", self.urgent_template] if done else []
-        reply = self._run(
-            self._finish,
+        reply = self._run_finish(
             [
                 self.keys.prefix,
                 ref,
@@ -244,9 +289,30 @@ class Ledger:
                 else f"{planned_slot:.6f}|{limiter_since if limiter_since else now:.6f}",
                 *tail,
             ],
-            keys=[self.urgent_list],
+            [self.urgent_list],
         )
         return bool(int(reply))
+
+    def _run_finish(self, args: Sequence[Any], keys: Sequence[str]) -> Any:
+        """Run the finish script; with ``acks``, wait (a few WAIT timeouts at most) until
+        enough replicas have the outcome, so that a failover cannot undo it and send the
+        report again. If they do not answer, the outcome stands on the primary (the report
+        was sent: nothing can undo that), ``on_unreplicated`` is told, and finishes stop
+        waiting for ``UNREPLICATED_BACKOFF_S`` — a lost replica slows no report for long."""
+        now = time.monotonic()
+        if not self.acks.replicas or now < self._finish_waits_after:
+            return self._run(self._finish, args, keys)
+        patience = replication.ReplicaAcks(
+            self.acks.replicas, self.acks.timeout_s, budget_s=2 * self.acks.timeout_s
+        )
+        reply, count = replication.until_acked(
+            self._acked_attempt(self._finish, args, keys), patience
+        )
+        if count < self.acks.replicas:
+            self._finish_waits_after = time.monotonic() + UNREPLICATED_BACKOFF_S
+            if self.on_unreplicated is not None:
+                self.on_unreplicated("finish", count)
+        return reply
 
     def sweep(
         self,
