@@ -10,6 +10,11 @@ Modes:
 - ``deadline``: a 60-second report deadline (Anti-Captcha's); a worker SIGKILLed mid-run and
   a fresh one started at once. No report may expire without having been tried, and the
   killed worker's reports must be back in flight within seconds (measured).
+- ``failover``: Redis as a primary, two replicas and three Sentinels, every component
+  given the ``sentinel://`` URL and ``min_replicas_ack = 1``; the primary SIGKILLed
+  mid-run while producers are still enqueueing; a Sentinel promotes a replica; the old
+  primary is restarted (as a supervisor would) and rejoins as a replica. No component is
+  restarted. Measured: the failover time and the longest producer call.
 
 Every report must end with exactly one outcome — accepted by the sandbox, or dead-lettered
 with a reason — and the sandbox may have seen a report twice only for reports in flight at
@@ -41,14 +46,14 @@ from worker.errors import StoreError, StoreFullError
 from worker.producer import Producer
 from worker.settings import Settings, load_settings
 from worker.store.keys import Keys, split_ref
-from worker.testing.processes import RedisProcess, WorkerProcesses, service_env
+from worker.testing.processes import RedisProcess, SentinelCluster, WorkerProcesses, service_env
 from worker.testing.sandbox import Rule, Sandbox
 
 from .redis_bytes import as_bytes, optional_bytes, stream_entries
 
 CLIENT_KEY = "crash-test-key-8d1e"
 CONCURRENCY = 8
-MODES = ("kills", "squeeze", "deadline")
+MODES = ("kills", "squeeze", "deadline", "failover")
 RECOVERY = """
 [recovery]
 lease_s = 30
@@ -64,6 +69,11 @@ key_env = "CAPMONSTER_CLIENT_KEY"
 rate_limit = "100000/second"
 """
 DEADLINE_S = 60
+FAILOVER = """
+[redis]
+min_replicas_ack = 1
+connect_retry_s = 30
+"""
 
 
 @dataclass
@@ -89,6 +99,10 @@ class RunResult:
     workers_declared_lost: int = 0  # worker.lost lines: heartbeats seen to stop
     workers_died: int = 0  # workers that were not killed but died anyway
     stalled_pending: int = 0  # reports still pending when the run gave up waiting (240 s)
+    failover_s: float = 0.0  # primary SIGKILL -> a majority of Sentinels name a new primary
+    rejoin_s: float = 0.0  # old primary restarted -> in sync as a replica
+    longest_producer_call_s: float = 0.0  # the longest enqueue call (100 reports) of the run
+    producer_errors: int = 0  # enqueue calls that failed after their own retries
     seconds: float = 0.0
 
     @property
@@ -115,15 +129,24 @@ class _Run:
     def __init__(self, mode: str, reports: int, seed: int, base: Path, sandbox: Sandbox) -> None:
         self.mode = mode
         self.rng = random.Random(seed)
-        self.server = RedisProcess(base / "redis").start()
+        self.cluster: SentinelCluster | None = None
+        self.server: RedisProcess | None = None
+        if mode == "failover":
+            self.cluster = SentinelCluster(base / "sentinel", replicas=2).start()
+            url = self.cluster.url
+        else:
+            self.server = RedisProcess(base / "redis").start()
+            url = self.server.url
         self.sandbox = sandbox
         config = base / "crash.toml"
         toml = RECOVERY
         if mode == "deadline":
             toml += f"deadline_s = {DEADLINE_S}\n"
+        if mode == "failover":
+            toml = FAILOVER + toml
         config.write_text(toml)
         self.env = service_env(
-            REDIS_URL=self.server.url,
+            REDIS_URL=url,
             REPORT_FORWARDER_API_URL=sandbox.url,
             CAPMONSTER_CLIENT_KEY=CLIENT_KEY,
             REPORT_FORWARDER_CONFIG=str(config),
@@ -137,7 +160,8 @@ class _Run:
         self.producer = Producer(self.settings)
         self.client = self.producer.client
         self.refused_full = 0
-        self.pace_s = 0.2 if mode == "squeeze" else 0.02
+        self.pace_s = {"squeeze": 0.2, "failover": 0.15}.get(mode, 0.02)
+        self.fed = 0  # reports acknowledged to the producer so far
 
     def script_the_api(self) -> None:
         reports = len(self.ids)
@@ -155,14 +179,22 @@ class _Run:
         for start in range(0, len(self.ids), 100):
             items = [(t, types[t % len(types)]) for t in self.ids[start : start + 100]]
             while True:
+                began = time.monotonic()
                 try:
                     self.producer.enqueue_many(items)
+                    self.fed += len(items)
                     break
                 except StoreFullError:
                     self.refused_full += 1
                     time.sleep(0.2)
                 except StoreError:
+                    self.result.producer_errors += 1
                     time.sleep(0.2)
+                finally:
+                    took = time.monotonic() - began
+                    self.result.longest_producer_call_s = max(
+                        self.result.longest_producer_call_s, round(took, 2)
+                    )
             time.sleep(self.pace_s)  # producers spread over the run, so faults meet them too
 
     def done_count(self) -> int:
@@ -223,6 +255,22 @@ class _Run:
         time.sleep(seconds)  # the fault's duration, not a synchronisation
         self.client.config_set("maxmemory", 0)
 
+    def fail_over(self) -> None:
+        """SIGKILL the primary; measure until the Sentinels name a new one; restart the old
+        one (it comes back with its AOF and Sentinel turns it into a replica)."""
+        assert self.cluster is not None
+        old = self.cluster.primary()
+        self.result.in_flight_at_kills.append(int(self.client.zcard(self.keys.leases)))
+        old.kill()
+        killed_at = time.monotonic()
+        self.result.kills.append(f"primary :{old.port}")
+        self.cluster.wait_for_new_primary(old.port, timeout_s=60)
+        self.result.failover_s = round(time.monotonic() - killed_at, 2)
+        old.start()
+        restarted = time.monotonic()
+        _wait(lambda: self.cluster is not None and self.cluster.in_sync(old), 120)
+        self.result.rejoin_s = round(time.monotonic() - restarted, 2)
+
     def pending(self) -> int:
         try:
             return int(self.client.get(self.keys.npending) or 0)
@@ -277,7 +325,10 @@ class _Run:
     def close(self) -> None:
         self.workers.stop_all()
         self.producer.client.close()
-        self.server.stop()
+        if self.server is not None:
+            self.server.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
 
 
 def run_once(
@@ -303,12 +354,16 @@ def run_once(
                     run.kill_worker(victim)
                 _wait(lambda: run.done_count() >= reports * 0.55, 120)
                 result.in_flight_at_kills.append(int(run.client.zcard(run.keys.leases)))
+                assert run.server is not None
                 run.server.kill()
                 result.kills.append("redis")
                 run.server.start()  # same port and directory: it replays its AOF
             elif mode == "squeeze":
                 _wait(lambda: run.done_count() >= reports * 0.2, 120)
                 run.squeeze()
+            elif mode == "failover":  # while producers are still enqueueing
+                _wait(lambda: run.fed >= reports * 0.4, 120)
+                run.fail_over()
             else:
                 _wait(lambda: run.done_count() >= reports * 0.3, 120)
                 run.kill_worker(victims[0])
@@ -318,7 +373,7 @@ def run_once(
             except TimeoutError:  # reports stranded: judged below like any other run
                 result.stalled_pending = run.pending()
             killed = {victims[0]} if mode == "deadline" else set(victims)
-            if mode == "squeeze":
+            if mode in ("squeeze", "failover"):
                 killed = set()
             result.workers_died = sum(
                 1 for proc in run.workers.procs if proc not in killed and proc.poll() is not None

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import redis
@@ -28,10 +28,18 @@ def free_port() -> int:
 class RedisProcess:
     """``redis-server`` on 127.0.0.1 with its data in ``directory``."""
 
-    def __init__(self, directory: Path, *, appendonly: bool = True, port: int = 0) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        appendonly: bool = True,
+        port: int = 0,
+        extra: Sequence[str] = (),
+    ) -> None:
         self.directory = directory
         self.appendonly = appendonly
         self.port = port or free_port()
+        self.extra = tuple(extra)  # more redis-server arguments, e.g. --replicaof HOST PORT
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -48,6 +56,7 @@ class RedisProcess:
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
             "--appendfsync", "always",
+            *self.extra,
         ]  # fmt: skip
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)  # noqa: S603
         client = redis.Redis(port=self.port)
@@ -81,6 +90,161 @@ class RedisProcess:
                 self.process.kill()
                 self.process.wait(10)
             self.process = None
+
+
+class SentinelCluster:
+    """A primary, its replicas and three Sentinels on loopback, all real ``redis-server``
+    processes (Sentinels run it with ``--sentinel``), with a short ``down-after`` so a
+    killed primary is replaced within seconds (docs/design.md §8)."""
+
+    MASTER = "rf-primary"
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        replicas: int = 1,
+        sentinels: int = 3,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 5000,
+    ) -> None:
+        self.directory = directory
+        primary = RedisProcess(directory / "node-0")
+        self.nodes = [primary] + [
+            RedisProcess(
+                directory / f"node-{n}", extra=("--replicaof", "127.0.0.1", str(primary.port))
+            )
+            for n in range(1, replicas + 1)
+        ]
+        self.sentinel_ports = [free_port() for _ in range(sentinels)]
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+
+    @property
+    def url(self) -> str:
+        parts = ";".join(f"sentinel://127.0.0.1:{port}" for port in self.sentinel_ports)
+        return f"{parts}/0?master_name={self.MASTER}"
+
+    def start(self, timeout_s: float = 30.0) -> SentinelCluster:
+        for node in self.nodes:
+            node.start(timeout_s)
+        for n, port in enumerate(self.sentinel_ports):
+            self.sentinels.append(self._start_sentinel(n, port))
+        deadline = time.monotonic() + timeout_s
+        # ready: every replica is in sync, and every Sentinel has found every replica
+        while not all(self.in_sync(node) for node in self.nodes[1:]) or not all(
+            self._ask(port, "SENTINEL", "REPLICAS", self.MASTER, count=len(self.nodes) - 1)
+            for port in self.sentinel_ports
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Sentinels did not find the primary and its replicas")
+            time.sleep(0.05)
+        return self
+
+    def _start_sentinel(self, n: int, port: int) -> subprocess.Popen[bytes]:
+        folder = self.directory / f"sentinel-{n}"
+        folder.mkdir(parents=True, exist_ok=True)
+        config = folder / "sentinel.conf"  # a Sentinel rewrites its file: one each
+        primary = self.nodes[0].port
+        config.write_text(
+            f"port {port}\nbind 127.0.0.1\ndir {folder}\n"
+            f"sentinel monitor {self.MASTER} 127.0.0.1 {primary} 2\n"
+            f"sentinel down-after-milliseconds {self.MASTER} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {self.MASTER} {self.failover_timeout_ms}\n"
+            f"sentinel parallel-syncs {self.MASTER} 1\n"
+        )
+        with open(folder / "sentinel.log", "wb") as log:  # the child keeps its own copy
+            return subprocess.Popen(  # noqa: S603
+                [redis_server_binary(), str(config), "--sentinel"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    @staticmethod
+    def _ask(port: int, *command: str, count: int = 0) -> bool:
+        """Whether a Sentinel answers ``command`` with at least ``count`` healthy replicas
+        (for SENTINEL REPLICAS), or at all."""
+        client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            reply = client.execute_command(*command)
+        except (redis.RedisError, OSError):
+            return False
+        finally:
+            client.close()
+        if not count:
+            return True
+        healthy = [r for r in reply if "s_down" not in str(r.get("flags", ""))]
+        return len(healthy) >= count
+
+    @staticmethod
+    def in_sync(node: RedisProcess) -> bool:
+        """Whether ``node`` is a replica whose link to its primary is up."""
+        client = redis.Redis(port=node.port, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            info = client.info("replication")
+        except (redis.RedisError, OSError):
+            return False
+        finally:
+            client.close()
+        return info.get("role") == "slave" and info.get("master_link_status") == "up"
+
+    def primary_port(self) -> int | None:
+        """The primary's port as a majority of the Sentinels name it now (None: no majority)."""
+        votes: dict[int, int] = {}
+        for port in self.sentinel_ports:
+            client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
+            try:
+                answer = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.MASTER)
+            except (redis.RedisError, OSError):
+                continue
+            finally:
+                client.close()
+            if answer:
+                voted = int(answer[1])
+                votes[voted] = votes.get(voted, 0) + 1
+        best = max(votes.items(), key=lambda item: item[1], default=None)
+        return best[0] if best and best[1] * 2 > len(self.sentinel_ports) else None
+
+    def node(self, port: int) -> RedisProcess:
+        return next(node for node in self.nodes if node.port == port)
+
+    def primary(self) -> RedisProcess:
+        port = self.primary_port()
+        if port is None:
+            raise RuntimeError("the Sentinels name no primary")
+        return self.node(port)
+
+    def wait_for_new_primary(self, old_port: int, timeout_s: float = 60.0) -> RedisProcess:
+        """Poll until a majority of the Sentinels name a primary other than ``old_port``
+        and it answers as a primary."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            port = self.primary_port()
+            if port is not None and port != old_port:
+                client = redis.Redis(port=port, socket_timeout=1)
+                try:
+                    if client.info("replication").get("role") == "master":
+                        return self.node(port)
+                except (redis.RedisError, OSError):
+                    pass
+                finally:
+                    client.close()
+            time.sleep(0.05)
+        raise RuntimeError(f"no failover from port {old_port} within {timeout_s:g} s")
+
+    def stop(self) -> None:
+        for sentinel in self.sentinels:
+            sentinel.terminate()
+        for sentinel in self.sentinels:
+            try:
+                sentinel.wait(10)
+            except subprocess.TimeoutExpired:
+                sentinel.kill()
+                sentinel.wait(10)
+        self.sentinels = []
+        for node in self.nodes:
+            node.stop()
 
 
 def service_env(base: Mapping[str, str] | None = None, **values: str) -> dict[str, str]:
