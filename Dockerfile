@@ -3,8 +3,17 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY worker ./worker
 COPY config ./config
-RUN pip install --no-cache-dir . && useradd --create-home forwarder
-USER forwarder
-ENV REPORT_FORWARDER_LOG_FORMAT=json
+# A fixed numeric UID, so that Kubernetes' runAsNonRoot can check it (deploy/kubernetes/).
+RUN pip install --no-cache-dir . && useradd --create-home --uid 10001 forwarder
+USER 10001
+ENV REPORT_FORWARDER_LOG_FORMAT=json \
+    REPORT_FORWARDER_WORKER_METRICS_PORT=9808
+EXPOSE 9808
+# Liveness of the default command (the worker): /healthz on its metrics port answers 200
+# while the process and its consumer loop are alive, 503 otherwise. The image has no curl,
+# so Python asks. A container running another command (`serve`) sets its own healthcheck
+# (docker-compose.yml does).
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9808/healthz', timeout=3)"]
 ENTRYPOINT []
 CMD ["report-forwarder", "worker"]
