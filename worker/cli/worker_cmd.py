@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 import warnings
+from typing import TYPE_CHECKING
 
 import click
 
@@ -16,6 +17,10 @@ from worker.cli.app import command_logging, current_state, main
 from worker.observability.logs import get_logger
 from worker.settings import MAX_CONCURRENCY
 from worker.store import connection as store
+
+if TYPE_CHECKING:
+    from worker.delivery.runtime import Runtime
+    from worker.observability.health import Probes
 
 
 @main.command()
@@ -27,7 +32,7 @@ from worker.store import connection as store
     "--metrics-port",
     type=click.IntRange(0, 65535),
     default=0,
-    help="Serve Prometheus /metrics on this port (0: off).",
+    help="Serve Prometheus /metrics and the /healthz and /readyz probes on this port (0: off).",
 )
 @click.option("--events", is_flag=True, help="Send Celery task events (for Flower).")
 @click.option(
@@ -58,7 +63,7 @@ def worker(
     runtime = Runtime(settings, store.resolve_url(settings), metrics=metrics)
     if metrics_port:
         metrics.watch(runtime.client, settings)
-        metrics.serve(metrics_port)
+        metrics.serve(metrics_port, probes=_probes(runtime))
     app = create_app(runtime)
     if events:
         app.conf.worker_send_task_events = True
@@ -87,3 +92,15 @@ def worker(
     )
     celery_worker.start()
     sys.exit(celery_worker.exitcode or 0)
+
+
+def _probes(runtime: Runtime) -> Probes:
+    """The worker's /healthz and /readyz (docs/design.md §4.4)."""
+    from worker.observability.health import Probes, Readiness, redis_ping
+
+    readiness = Readiness(
+        runtime.settings,
+        redis_ping(runtime.redis_url),
+        lambda account: account.name in runtime.client_keys,
+    )
+    return Probes(runtime.liveness, readiness, runtime.stopping.is_set)

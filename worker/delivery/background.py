@@ -123,7 +123,8 @@ class _Periodic(threading.Thread):
 
 
 class Heartbeat(_Periodic):
-    """Beats every ``HEARTBEAT_S`` (docs/design.md §4.1)."""
+    """Beats every ``HEARTBEAT_S`` (docs/design.md §4.1); marks the runtime's liveness
+    when it starts and before and after each beat (docs/design.md §4.4)."""
 
     event = "worker.heartbeat_failed"
 
@@ -131,8 +132,16 @@ class Heartbeat(_Periodic):
         super().__init__("report-forwarder-heartbeat", HEARTBEAT_S)
         self.runtime = runtime
 
+    def run(self) -> None:
+        self.runtime.liveness.heartbeat_ticked()
+        super().run()
+
     def tick(self) -> int:
-        self.runtime.beat_once()
+        self.runtime.liveness.heartbeat_ticked()
+        try:
+            self.runtime.beat_once()
+        finally:
+            self.runtime.liveness.heartbeat_ticked()
         return 0
 
 

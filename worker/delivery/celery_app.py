@@ -1,7 +1,8 @@
 """The Celery app, built from Settings: JSON only, late acks, no result backend, our logging.
 
 Workers run the threads pool (the work is I/O-bound) on the configured queue. A bootstep
-starts the runtime's sweeper with the worker and stops it with the worker.
+starts the runtime's sweeper with the worker and stops it with the worker; another marks
+the worker's liveness from the consumer's event loop.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from celery import Celery, bootsteps, signals
 
 from worker.delivery.runtime import Runtime
 from worker.delivery.tasks import register
+from worker.observability.health import LOOP_TICK_S
 from worker.store import connection as store
 from worker.store.messages import TASK_NAME
 
@@ -46,6 +48,32 @@ class _RuntimeStep(bootsteps.StartStopStep):
     def terminate(self, parent: Any) -> None:  # cold shutdown calls this instead of stop
         parent.app.runtime.stop(timeout_s=0)
         _RUNNING.discard(parent.app.runtime)
+
+
+class _LoopTick(bootsteps.StartStopStep):
+    """The consumer's event loop marks the runtime's liveness (docs/design.md §4.4): an
+    entry on the loop's own timer, so it fires only while the loop turns. While the
+    consumer (re)connects to the broker, its loop is marked as connecting instead."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._entry: Any = None
+
+    def start(self, parent: Any) -> None:
+        liveness = parent.app.runtime.liveness
+        if parent.hub is None:
+            liveness.loop_unwatched()
+            return
+        liveness.loop_ticked()
+        self._entry = parent.hub.timer.call_repeatedly(LOOP_TICK_S, liveness.loop_ticked)
+
+    def stop(self, parent: Any) -> None:  # also on a lost connection, before reconnecting
+        if self._entry is not None:
+            self._entry.cancel()
+            self._entry = None
+        parent.app.runtime.liveness.loop_connecting()
 
 
 @signals.task_received.connect
@@ -139,6 +167,7 @@ def create_app(runtime: Runtime) -> ForwarderApp:
     )
     register(app)
     app.steps["worker"].add(_RuntimeStep)
+    app.steps["consumer"].add(_LoopTick)
     return app
 
 

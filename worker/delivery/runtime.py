@@ -33,6 +33,7 @@ from worker.delivery.report import MAX_ADMIT_WAIT_S, ReportSteps
 from worker.delivery.retries import Policy
 from worker.errors import ConfigError, StoreError
 from worker.observability import events
+from worker.observability.health import Liveness
 from worker.observability.logs import get_logger, register_secret
 from worker.observability.metrics import Metrics
 from worker.settings import Settings, client_key
@@ -98,6 +99,7 @@ class Runtime(ReportSteps):
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.held = HeldMessages(HELD_LINGER_S)
         self.stopping = threading.Event()
+        self.liveness = Liveness()  # marked by the consumer loop and the heartbeat
         self._busy = 0
         self._busy_cond = threading.Condition()
         self._effective: dict[str, tuple[float, int, float]] = {}

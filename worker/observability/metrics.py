@@ -1,24 +1,27 @@
 """Prometheus metrics: counters and histograms of this process's outcomes, and gauges of
 the whole fleet's backlog read from Redis at scrape time.
 
-Each worker serves ``/metrics`` when given a port (``worker --metrics-port`` or
-``REPORT_FORWARDER_WORKER_METRICS_PORT``); ``rate(report_forwarder_reports_total[1m])``
-summed over workers is the fleet's throughput. Labels stay few and bounded: outcome, kind,
-error code, account — never a task id.
+Each worker serves ``/metrics`` (and its health probes, ``/healthz`` and ``/readyz``)
+when given a port (``worker --metrics-port`` or ``REPORT_FORWARDER_WORKER_METRICS_PORT``);
+``rate(report_forwarder_reports_total[1m])`` summed over workers is the fleet's throughput.
+Labels stay few and bounded: outcome, kind, error code, account — never a task id.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.observability.health import Probes
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0)
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -72,9 +75,18 @@ class Metrics:
         """Add the fleet-wide gauges, read from Redis at each scrape."""
         self.registry.register(_FleetCollector(client, settings))
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> Any:  # noqa: S104 - scraped from outside
-        """Serve ``/metrics`` on ``port`` from a daemon thread."""
-        return start_http_server(port, addr=addr, registry=self.registry)
+    def serve(
+        self,
+        port: int,
+        addr: str = "0.0.0.0",  # noqa: S104 - scraped from outside
+        probes: Probes | None = None,
+    ) -> Any:
+        """Serve ``/metrics`` on ``port`` from a daemon thread, and with ``probes`` also
+        ``/healthz`` and ``/readyz`` (:mod:`worker.observability.serving`). Returns the
+        server and its thread."""
+        from worker.observability.serving import serve
+
+        return serve(port, addr, self.registry, probes)
 
 
 class _FleetCollector(Collector):
