@@ -85,7 +85,9 @@ ASSIGNMENTS = (
     # Dockerfile's other ENV form: ENV NAME value
     re.compile(rf"^\s*ENV\s+{SECRET_NAME}\s+{VALUE}", re.M),
     # a secret as a command-line flag, in a shell line or an exec-form list
-    re.compile(rf"--(?:token|client-key|api-key|password)(?:\s+|=|[\"']\s*,\s*){VALUE}"),
+    re.compile(
+        rf"--(?:token|client-key|api-key|password|requirepass|masterauth)(?:\s+|=|[\"']\s*,\s*){VALUE}"
+    ),
     # a password inside a URL (redis://:PASSWORD@host)
     re.compile(r"[a-z][a-z0-9+.-]*://[^\s/:@]*:(?P<value>\S+)@"),
 )
@@ -172,6 +174,7 @@ PLANTS = {
     "k8s env, value first": "            - value: '{value}'\n              name: {name}",
     "kubectl": "  --from-literal={name}={value} \\",
     "flag": '          command: ["report-forwarder", "serve", "--token", "{value}"]',
+    "redis flag": '    command: ["redis-server", "--requirepass", "{value}"]',
     "url": "      REDIS_URL: redis://:{value}@redis:6379/0",
 }
 
