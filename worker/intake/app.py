@@ -202,9 +202,9 @@ class Intake:
 
     async def shutdown(self) -> None:
         if self.client is not None:
-            await self.client.aclose()
+            await store.close_async(self.client)
         if self.sync_client is not None:
-            self.sync_client.close()
+            store.close(self.sync_client)
 
     # -- routes ------------------------------------------------------------------------
 

@@ -73,7 +73,6 @@ class Batcher:
         finally:
             self.running = False
 
-
     async def _acked(self, args: list[Any]) -> list[int]:
         """The enqueue script then WAIT, re-run until enough replicas acknowledge it (a
         re-run answers "duplicate" for what the first queued: queued if either did), for

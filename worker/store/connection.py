@@ -237,6 +237,24 @@ def connect_async(url: str, connect_timeout_s: float = 5.0) -> redis.asyncio.Red
     return redis.asyncio.Redis.from_url(url, socket_connect_timeout=connect_timeout_s)
 
 
+def close(client: redis.Redis) -> None:
+    """Close ``client``'s connections, and for a Sentinel client those to the Sentinels."""
+    client.close()
+    pool = client.connection_pool
+    if isinstance(pool, redis.sentinel.SentinelConnectionPool):
+        for sentinel in pool.sentinel_manager.sentinels:
+            sentinel.close()
+
+
+async def close_async(client: redis.asyncio.Redis) -> None:
+    """:func:`close` for an asyncio client."""
+    await client.aclose()
+    pool = client.connection_pool
+    if isinstance(pool, redis.asyncio.sentinel.SentinelConnectionPool):
+        for sentinel in pool.sentinel_manager.sentinels:
+            await sentinel.aclose()
+
+
 def describe(url: str) -> str:
     """The URL with any password (in the address or as ``?password=``) masked, for
     messages and check-config."""

@@ -167,7 +167,7 @@ class SentinelCluster:
         (for SENTINEL REPLICAS), or at all."""
         client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
         try:
-            reply = client.execute_command(*command)
+            reply = client.execute_command(*command)  # type: ignore[no-untyped-call]
         except (redis.RedisError, OSError):
             return False
         finally:
@@ -195,7 +195,9 @@ class SentinelCluster:
         for port in self.sentinel_ports:
             client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
             try:
-                answer = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.MASTER)
+                answer = client.execute_command(  # type: ignore[no-untyped-call]
+                    "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.MASTER
+                )
             except (redis.RedisError, OSError):
                 continue
             finally:

@@ -1,0 +1,243 @@
+"""Redis Sentinel (docs/design.md §8): every component finds the primary through the
+Sentinels and follows a failover without a restart; with ``redis.min_replicas_ack`` a
+report is "queued" only once a replica has it. Real processes throughout: a primary,
+replicas and three Sentinels (``redis-server --sentinel``), worker subprocesses, the
+sandbox API."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from worker.errors import StoreUnreplicatedError
+from worker.intake import Intake
+from worker.producer import Producer
+from worker.settings import load_settings
+from worker.store.keys import Keys
+from worker.store.ledger import Ledger
+from worker.testing.processes import SentinelCluster, WorkerProcesses
+from worker.testing.sandbox import Sandbox
+
+from ..redis_bytes import stream_entries
+from .clirun import run_cli
+from .conftest import CLIENT_KEY, FAST_RECOVERY, cli_env, wait_until
+from .intake_support import Server
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _cluster(tmp_path: Path, replicas: int) -> Iterator[SentinelCluster]:
+    cluster = SentinelCluster(tmp_path / "sentinel", replicas=replicas)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[SentinelCluster]:
+    """A primary, one replica and three Sentinels."""
+    yield from _cluster(tmp_path, replicas=1)
+
+
+@pytest.fixture
+def cluster2(tmp_path: Path) -> Iterator[SentinelCluster]:
+    """A primary, two replicas and three Sentinels: after a failover one replica is left,
+    so writes that wait for one replica go on."""
+    yield from _cluster(tmp_path, replicas=2)
+
+
+def _env(env: dict[str, str], cluster: SentinelCluster, tmp_path: Path, **extra: str) -> dict:
+    config = tmp_path / "sentinel.toml"
+    config.write_text(FAST_RECOVERY)
+    return {**env, "REDIS_URL": cluster.url, "REPORT_FORWARDER_CONFIG": str(config), **extra}
+
+
+def test_check_config_names_the_sentinels_and_the_current_primary(
+    env: dict[str, str], cluster: SentinelCluster, tmp_path: Path
+) -> None:
+    """`check-config --json` lists the Sentinels and the primary they name now, and shows
+    no password (neither the data password nor the Sentinels')."""
+    url = cluster.url.replace("sentinel://127", "sentinel://:data-secret-1@127", 1)
+    url += "&sentinel_password=sentinel-secret-2"
+    run = run_cli({**env, "REDIS_URL": url}, "check-config", "--json")
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    ports = [port for _, port in (s.split(":") for s in doc["sentinel"]["sentinels"].split(", "))]
+    assert ports == [str(p) for p in cluster.sentinel_ports]
+    assert doc["sentinel"]["master_name"] == SentinelCluster.MASTER
+    # the Sentinels here have no password, so asking them works: the primary is named
+    assert doc["sentinel"]["primary"] == f"127.0.0.1:{cluster.primary().port}"
+    assert "data-secret-1" not in run.stdout + run.stderr
+    assert "sentinel-secret-2" not in run.stdout + run.stderr
+
+
+def test_with_min_replicas_ack_an_enqueue_fails_clearly_without_a_replica_and_succeeds_with_it(
+    env: dict[str, str], cluster: SentinelCluster, tmp_path: Path
+) -> None:
+    """Replica stopped: the Python API raises StoreUnreplicatedError after its bounded wait,
+    the CLI exits 3 naming min_replicas_ack, the intake answers 503 — never "queued".
+    Replica back: the same calls succeed."""
+    environ = _env(
+        env,
+        cluster,
+        tmp_path,
+        REPORT_FORWARDER_MIN_REPLICAS_ACK="1",
+        REPORT_FORWARDER_CONNECT_RETRY_S="1",
+    )
+    settings = load_settings(environ=environ)
+    producer = Producer(settings)
+    assert producer.enqueue(501, "image") == "queued"  # with the replica up
+
+    replica = cluster.nodes[1]
+    replica.stop()
+    began = time.monotonic()
+    with pytest.raises(StoreUnreplicatedError, match=r"min_replicas_ack = 1") as caught:
+        producer.enqueue(502, "image")
+    waited = time.monotonic() - began
+    assert "0 of 1 replica" in str(caught.value)
+    assert waited >= 1.0  # it waited its bounded time (connect_retry_s) before refusing
+    cli = run_cli(environ, "enqueue", "503", "image")
+    assert cli.returncode == 3, cli.stdout + cli.stderr
+    assert "min_replicas_ack" in cli.stderr
+    with Server(Intake(settings, settings.redis_url, environ=environ)) as server:
+        answer = requests.post(
+            f"{server.url}/reportIncorrectImageCaptcha",
+            json={"clientKey": CLIENT_KEY, "taskId": 504},
+            timeout=30,
+        )
+        assert answer.status_code == 503, answer.text
+
+        replica.start()
+        wait_until(lambda: cluster.in_sync(replica), timeout=60)
+        answer = requests.post(
+            f"{server.url}/reportIncorrectImageCaptcha",
+            json={"clientKey": CLIENT_KEY, "taskId": 505},
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["errorId"] == 0
+    assert producer.enqueue(506, "image") == "queued"
+    # the refused call's write was on the primary all along: a retry finds it queued
+    assert producer.enqueue(502, "image") == "duplicate"
+    assert run_cli(environ, "enqueue", "507", "image").returncode == 0
+    producer.client.close()
+
+
+def test_producers_workers_and_commands_ride_through_a_failover_without_a_restart(
+    env: dict[str, str], cluster2: SentinelCluster, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """The primary is SIGKILLed while a producer keeps enqueueing and a worker keeps
+    sending: a Sentinel promotes a replica, and every report the producer was told is
+    queued reaches the API and is accepted — a report twice only if it was in flight at
+    the kill — with nothing dead-lettered, the same worker process throughout, an
+    account pause set before the failover still in force after it, and `stats` answering
+    from the new primary."""
+    environ = _env(
+        env,
+        cluster2,
+        tmp_path,
+        REPORT_FORWARDER_MIN_REPLICAS_ACK="1",
+        REPORT_FORWARDER_CONNECT_RETRY_S="30",
+    )
+    # a second account, paused for 10 minutes before the failover
+    Path(environ["REPORT_FORWARDER_CONFIG"]).write_text(
+        FAST_RECOVERY + '\n[accounts.held]\nprovider = "capmonster"\n'
+        'key_env = "CAPMONSTER_CLIENT_KEY"\nrate_limit = "100/second"\n'
+    )
+    settings = load_settings(environ=environ)
+    producer = Producer(settings)
+    keys = Keys(settings.key_prefix)
+    ledger = Ledger(producer.client, keys, settings.queue)
+    assert ledger.pause("held", 600, json.dumps({"reason": "test", "error_code": "X"}))
+
+    workers = WorkerProcesses(cli_env(environ), tmp_path / "logs", concurrency=4)
+    worker = workers.spawn()
+    acknowledged: list[int] = []
+    stop = threading.Event()
+
+    def feed() -> None:
+        task_id = 1_000
+        while not stop.is_set():
+            batch = list(range(task_id, task_id + 20))
+            result = producer.enqueue_many([(t, "image") for t in batch])
+            assert result.queued == len(batch)
+            assert not result.refused
+            acknowledged.extend(batch)
+            task_id += 20
+            time.sleep(0.05)  # a producer spread over the run, so the failover meets it
+
+    feeding = threading.Thread(target=feed, daemon=True)
+    feeding.start()
+    try:
+        wait_until(lambda: sandbox.count(success=True) >= 100, timeout=60)
+        old = cluster2.primary()
+        in_flight = int(producer.client.zcard(keys.leases))
+        old.kill()
+        cluster2.wait_for_new_primary(old.port, timeout_s=60)
+        sent_at_failover = sandbox.count(success=True)
+        # the producer and the worker go on through the new primary
+        wait_until(lambda: sandbox.count(success=True) >= sent_at_failover + 100, timeout=60)
+        held = producer.enqueue(77, "image", account="held")
+        wait_until(lambda: producer.client.xlen(keys.dead) > 0, timeout=60)
+        stop.set()
+        feeding.join(60)
+        assert not feeding.is_alive()
+        done = set(acknowledged)
+        wait_until(lambda: done <= {r.task_id for r in sandbox.requests() if r.success}, 90)
+        assert worker.poll() is None  # never restarted, never died
+        stats = run_cli(environ, "stats", "--json")
+        assert stats.returncode == 0, stats.stderr
+    finally:
+        stop.set()
+        workers.stop_all()
+    calls: dict[int, int] = {}
+    for request in sandbox.requests():
+        if request.task_id is not None:
+            calls[request.task_id] = calls.get(request.task_id, 0) + 1
+    assert held == "queued"
+    assert 77 not in calls  # the pause lives on in the new primary
+    paused = json.loads(stats.stdout)["paused_accounts"]
+    assert [p["account"] for p in paused] == ["held"]
+    duplicates = sum(n - 1 for task_id, n in calls.items() if task_id in done)
+    assert duplicates <= in_flight
+    assert len(acknowledged) > 200
+    # nothing dead-lettered for the switch; the paused account's report, for its pause
+    dead = [
+        (int(fields[b"task_id"]), fields[b"reason"].decode())
+        for _, fields in stream_entries(producer.client, keys.dead)
+    ]
+    assert dead == [(77, "account_paused")]
+    producer.client.close()
+
+
+def test_a_dead_replica_slows_no_worker_for_long(
+    env: dict[str, str], cluster: SentinelCluster, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """With min_replicas_ack = 1 and the only replica gone, a worker still delivers what
+    was queued before: an outcome the replicas do not confirm stands on the primary, and
+    the worker says so once (`store.unreplicated`) instead of stalling every report."""
+    environ = _env(env, cluster, tmp_path, REPORT_FORWARDER_MIN_REPLICAS_ACK="1")
+    producer = Producer(load_settings(environ=environ))
+    assert producer.enqueue_many([(t, "image") for t in range(1, 41)]).queued == 40
+    cluster.nodes[1].stop()
+    workers = WorkerProcesses(cli_env(environ), tmp_path / "logs", concurrency=4)
+    workers.spawn()
+    try:
+        wait_until(lambda: sandbox.count(success=True) >= 40, timeout=60)
+    finally:
+        workers.stop_all()
+    log = workers.log_paths()[0].read_text()
+    lines = [json.loads(x) for x in log.splitlines() if '"store.unreplicated"' in x]
+    assert lines, "no store.unreplicated line"
+    assert lines[0]["wanted"] == 1
+    assert lines[0]["replicas"] == 0
+    assert len(lines) < 40  # one per back-off period, not one per report
+    assert int(producer.client.get(Keys().npending) or 0) == 0
+    producer.client.close()
