@@ -176,6 +176,10 @@ def test_readyz_goes_unready_while_redis_is_down_and_ready_after_healthz_stays_a
             )
             assert probe(port, "/readyz") is not None
             assert 503 == probe(port, "/readyz")[0]  # type: ignore[index]
+            # a scrape during the outage says so, inside Prometheus's scrape timeout (not
+            # after the worker's own 30-s patience, which would turn it into "target down")
+            scrape = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+            assert "report_forwarder_redis_up 0.0" in scrape.text
             server.start()
             wait_until(lambda: during(port, "/readyz", 200, all_ok), timeout=60)
             wait_until(lambda: during(port, "/healthz", 200, all_ok), timeout=60)

@@ -62,7 +62,9 @@ def worker(
     metrics = Metrics()
     runtime = Runtime(settings, store.resolve_url(settings), metrics=metrics)
     if metrics_port:
-        metrics.watch(runtime.client, settings)
+        # a scrape must answer within Prometheus's timeout, Redis up or not: the fleet
+        # gauges read Redis with one short attempt, not the worker's 30-s patience
+        metrics.watch(store.connect(runtime.redis_url, retry_s=0), settings)
         metrics.serve(metrics_port, probes=_probes(runtime))
     app = create_app(runtime)
     if events:
