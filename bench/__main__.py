@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import intake, perf, ratelimit
+from . import intake, perf, ratelimit, replication
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -220,11 +220,40 @@ def run_perf(args: argparse.Namespace) -> dict[str, Any]:
     return doc
 
 
+def run_replication(args: argparse.Namespace) -> dict[str, Any]:
+    doc = replication.run()
+    rows = [
+        ("figure", "min_replicas_ack = 0", "min_replicas_ack = 1", "ratio 1 : 0"),
+        (
+            "enqueue p50 (us)",
+            str(doc["enqueue_p50_us"]["0"]),
+            str(doc["enqueue_p50_us"]["1"]),
+            str(doc["enqueue_p50_ratio_ack1_to_ack0"]),
+        ),
+        (
+            "bulk enqueue_reports (reports/s)",
+            str(doc["bulk_reports_per_s"]["0"]),
+            str(doc["bulk_reports_per_s"]["1"]),
+            str(doc["bulk_ratio_ack1_to_ack0"]),
+        ),
+    ]
+    print(_table(rows))
+    print(f"enqueue p50 through the Sentinels, ack 1: {doc['enqueue_p50_via_sentinel_ack1_us']} us")
+    return doc
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
         "scenario",
-        choices=["perf", "ratelimit", "ratelimit-compare", "intake", "intake-servers"],
+        choices=[
+            "perf",
+            "ratelimit",
+            "ratelimit-compare",
+            "intake",
+            "intake-servers",
+            "replication",
+        ],
     )
     parser.add_argument("--processes", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--threads", type=int, default=16)
@@ -239,6 +268,7 @@ def main() -> int:
         "intake": run_intake,
         "intake-servers": run_servers,
         "perf": run_perf,
+        "replication": run_replication,
     }[args.scenario]
     doc = runner(args)
     print(f"\nwritten to {_save(args.scenario, doc)}", file=sys.stderr)
