@@ -82,6 +82,7 @@ class RunResult:
     reports: int
     accepted: int = 0  # reports the sandbox accepted at least once
     dead_lettered: int = 0
+    dead_by_reason: dict[str, int] = field(default_factory=dict)
     lost: list[int] = field(default_factory=list)  # neither accepted nor dead-lettered
     double_outcomes: list[int] = field(default_factory=list)  # accepted and dead, or dead twice
     left_pending: int = 0  # ledger entries not at a terminal outcome after the run
@@ -291,15 +292,18 @@ class _Run:
             if request.outcome not in ("http_503", "dropped"):
                 terminal_calls[request.task_id] += 1
         dead: Counter[int] = Counter()
+        reasons: Counter[str] = Counter()
         for _, fields in stream_entries(self.client, self.keys.dead):
             task_id = int(fields[b"task_id"])
             dead[task_id] += 1
+            reasons[fields[b"reason"].decode()] += 1
             assert fields[b"reason"], f"dead letter of {task_id} has no reason"
             if fields[b"reason"] == b"expired" and int(fields[b"attempts"] or 0) == 0:
                 result.expired_untried += 1
         accepted = set(accepted_calls)
         result.accepted = len(accepted)
         result.dead_lettered = sum(dead.values())
+        result.dead_by_reason = dict(reasons)
         result.lost = sorted(ids - accepted - set(dead))
         result.double_outcomes = sorted(
             {t for t, n in dead.items() if n > 1} | (accepted & set(dead))
