@@ -13,7 +13,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -300,35 +299,108 @@ def _naive(s: dict[str, Any], n: int, threads: int) -> dict[str, Any]:
     }
 
 
-def _bare(url: str, n: int, threads: int) -> dict[str, Any]:
-    """The floor: requests.Session POSTs in the same number of threads, nothing else."""
-    me = psutil.Process()
-    per = n // threads
+DRAMATIQ_APP = """
+import threading, requests, dramatiq
+from dramatiq.brokers.redis import RedisBroker
+dramatiq.set_broker(RedisBroker(url="{broker}"))
+_local = threading.local()
+@dramatiq.actor(queue_name="default", max_retries=0)
+def post(task_id):
+    session = getattr(_local, "s", None) or requests.Session()
+    _local.s = session
+    session.post("{api}/reportIncorrectImageCaptcha", json={{"clientKey": "k", "taskId": task_id}})
+"""
 
-    def loop() -> None:
-        with requests.Session() as session:
-            for i in range(per):
-                session.post(
-                    url + "/reportIncorrectImageCaptcha", json={"clientKey": "k", "taskId": i}
-                )
 
-    pool = [threading.Thread(target=loop) for _ in range(threads)]
-    cpu0, t = me.cpu_times(), time.perf_counter()
-    for thread in pool:
-        thread.start()
-    for thread in pool:
-        thread.join()
-    elapsed, cpu1 = time.perf_counter() - t, me.cpu_times()
-    cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+def _tree_cpu(ps: psutil.Process) -> dict[int, float]:
+    """CPU seconds (user + system) of a process and each of its descendants, by pid."""
+    out = {}
+    for proc in [ps, *ps.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        out[proc.pid] = times.user + times.system
+    return out
+
+
+def _dramatiq(s: dict[str, Any], n: int, threads: int) -> dict[str, Any]:
+    """The strongest general-purpose peer: a Dramatiq actor that only POSTs with a
+    requests.Session per thread (Redis broker, default middleware, one worker process of
+    ``threads`` threads), measured as :func:`_naive` is."""
+    import importlib.util
+
+    base: Path = s["base"]
+    path = base / "naive_dramatiq.py"
+    path.write_text(DRAMATIQ_APP.format(broker=s["redis"].url, api=s["sandbox_url"]))
+    spec = importlib.util.spec_from_file_location(f"naive_dramatiq_{id(s)}", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for i in range(n):
+        module.post.send(i)
+    module.dramatiq.get_broker().close()
+    client = redis.Redis.from_url(s["redis"].url)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dramatiq",
+            "naive_dramatiq",
+            "--processes",
+            "1",
+            "--threads",
+            str(threads),
+            "--queues",
+            "default",
+        ],
+        cwd=base,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(base)},
+    )
+    # the CLI's supervisor forks the one worker process: CPU is the whole tree's
+    ps = psutil.Process(proc.pid)
+    started = None
+    cpu0: dict[int, float] = {}
+    while client.hlen("dramatiq:default.msgs") > 0:
+        if started is None and client.llen("dramatiq:default") < n:
+            started, cpu0 = time.perf_counter(), _tree_cpu(ps)
+        time.sleep(0.01)
+    elapsed = time.perf_counter() - (started or time.perf_counter())
+    cpu1 = _tree_cpu(ps)
+    received = _api_saw(s["sandbox_url"], n)
+    proc.terminate()
+    proc.wait(30)
+    client.close()
+    cpu = sum(t - cpu0.get(pid, 0.0) for pid, t in cpu1.items()) if started else 0.0
     return {
-        "reports_per_s": round(per * threads / elapsed),
-        "cpu_ms_per_report": round(cpu * 1000 / (per * threads), 3),
-        "api_received": _api_saw(url, per * threads),
+        "reports_per_s": round(n / elapsed),
+        "cpu_ms_per_report": round(cpu * 1000 / n, 3),
+        "api_received": received,
     }
 
 
+def _bare(url: str, n: int, threads: int, client: str = "requests") -> dict[str, Any]:
+    """The floor: the HTTP client alone POSTing in the same number of threads, nothing
+    else (bench/http.py: ``requests`` set up as the worker's, or ``urllib3``)."""
+    from .http import post_loop
+
+    r = post_loop(client, url, n, threads)
+    return {
+        "reports_per_s": r["posts_per_s"],
+        "cpu_ms_per_report": r["cpu_ms_per_post"],
+        "api_received": r["api_received"],
+    }
+
+
+BASELINES = ("naive_celery", "dramatiq", "bare_requests", "bare_urllib3")
+
+
 def worker_throughput(n: int = 6000, threads: int = 16, chunk: int = 20) -> dict[str, Any]:
-    """One worker process against a zero-latency sandbox vs the naive task and the bare loop."""
+    """One worker process against a zero-latency sandbox vs the naive Celery task, the
+    Dramatiq actor and the bare client loops; CPU per report as ratios to each."""
     with stack() as s:
         single = _drain(s["env"], s["base"], n, threads, 1, "single")
     with stack() as s:
@@ -336,16 +408,40 @@ def worker_throughput(n: int = 6000, threads: int = 16, chunk: int = 20) -> dict
     with stack() as s:
         naive = _naive(s, n, threads)
     with stack() as s:
-        bare = _bare(s["sandbox_url"], n, threads)
+        peer = _dramatiq(s, n, threads)
+    with stack() as s:
+        bare = _bare(s["sandbox_url"], n, threads, "requests")
+    with stack() as s:
+        bare3 = _bare(s["sandbox_url"], n, threads, "urllib3")
+    baselines = {
+        "naive_celery": naive,
+        "dramatiq": peer,
+        "bare_requests": bare,
+        "bare_urllib3": bare3,
+    }
+
+    def ratios(ours: dict[str, Any], field: str) -> dict[str, float]:
+        return {
+            name: round(ours[field] / b[field], 3) if b[field] else float("nan")
+            for name, b in baselines.items()
+        }
+
     return {
         "threads": threads,
         "reports": n,
         "single_messages": single,
         "bulk_messages": {**bulk, "reports_per_message": chunk},
-        "naive_celery": naive,
-        "bare_requests": bare,
+        **baselines,
         "single_vs_naive": round(single["reports_per_s"] / naive["reports_per_s"], 3),
         "bulk_vs_naive": round(bulk["reports_per_s"] / naive["reports_per_s"], 3),
+        "cpu_ratio": {
+            "single_messages": ratios(single, "cpu_ms_per_report"),
+            "bulk_messages": ratios(bulk, "cpu_ms_per_report"),
+        },
+        "rate_ratio": {
+            "single_messages": ratios(single, "reports_per_s"),
+            "bulk_messages": ratios(bulk, "reports_per_s"),
+        },
     }
 
 
