@@ -127,13 +127,15 @@ class RunResult:
 class _Run:
     """One crash run's parts: Redis, the sandbox, workers, a producer feeding them."""
 
-    def __init__(self, mode: str, reports: int, seed: int, base: Path, sandbox: Sandbox) -> None:
+    def __init__(
+        self, mode: str, reports: int, seed: int, base: Path, sandbox: Sandbox, replicas: int = 2
+    ) -> None:
         self.mode = mode
         self.rng = random.Random(seed)
         self.cluster: SentinelCluster | None = None
         self.server: RedisProcess | None = None
         if mode == "failover":
-            self.cluster = SentinelCluster(base / "sentinel", replicas=2).start()
+            self.cluster = SentinelCluster(base / "sentinel", replicas=replicas).start()
             url = self.cluster.url
         else:
             self.server = RedisProcess(base / "redis").start()
@@ -336,7 +338,11 @@ class _Run:
 
 
 def run_once(
-    reports: int = 3000, seed: int = 1, workdir: Path | None = None, mode: str = "kills"
+    reports: int = 3000,
+    seed: int = 1,
+    workdir: Path | None = None,
+    mode: str = "kills",
+    replicas: int = 2,
 ) -> RunResult:
     """One crash run of ``mode``; returns what happened to every report."""
     if mode not in MODES:
@@ -345,7 +351,7 @@ def run_once(
     base = Path(tempfile.mkdtemp(prefix="rf-crash-")) if workdir is None else workdir
     started = time.monotonic()
     with Sandbox(latency_ms=15) as sandbox:
-        run = _Run(mode, reports, seed, base, sandbox)
+        run = _Run(mode, reports, seed, base, sandbox, replicas)
         result = run.result
         run.script_the_api()
         victims = [run.workers.spawn(), run.workers.spawn()]
@@ -405,10 +411,13 @@ def main() -> int:
     parser.add_argument("--mode", choices=MODES, default="kills")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--reports", type=int, default=3000)
+    parser.add_argument(
+        "--replicas", type=int, default=2, help="failover mode: replicas under the primary"
+    )
     args = parser.parse_args()
     failures = 0
     for run in range(1, args.runs + 1):
-        result = run_once(args.reports, seed=run, mode=args.mode)
+        result = run_once(args.reports, seed=run, mode=args.mode, replicas=args.replicas)
         doc = asdict(result)
         doc["lost"] = len(result.lost)
         doc["double_outcomes"] = len(result.double_outcomes)

@@ -11,8 +11,9 @@ import redis
 from worker.errors import StoreFullError
 from worker.producer import Producer
 from worker.store.keys import UNACKED, Keys
-from worker.store.ledger import Claim, Ledger
+from worker.store.ledger import Claim, Ledger, enqueue_args
 from worker.store.messages import list_keys, template
+from worker.store.replication import ReplicaAcks
 
 from ..redis_bytes import stream_entries
 from .conftest import queue_length, queued_messages, wait_until
@@ -45,6 +46,29 @@ def test_only_the_message_that_queued_a_report_may_claim_it(
     assert isinstance(claim, Claim)
     assert ("image", 0) == (claim.kind, claim.attempts)
     assert "r" == ledger.claim(REF, message_id, 30)  # redelivered copy of the same message
+
+
+def test_an_enqueue_run_again_with_its_token_queues_nothing_twice(
+    producer: Producer, ledger: Ledger, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """A call that waits for replicas carries a token (docs/design.md §8): run again —
+    as it is while replicas are slow — it answers what its first run answered and writes
+    nothing, even though its report was dead-lettered in between (its entry deleted), so
+    the report is not queued and sent again."""
+    acks = ReplicaAcks(replicas=1, timeout_s=0.1, budget_s=5)
+    args = enqueue_args(keys, "reports", [producer.row(7, "image")], 1, acks)
+    assert "1" == ledger._run(ledger._enqueue, args).decode()
+    message_id, _ = _pop(redis_client, "reports")
+    assert isinstance(ledger.claim(REF, message_id, 30), Claim)
+    assert ledger.finish(REF, message_id, "dead", attempts=1, reason="rejected")
+    assert 0 == redis_client.exists(keys.report("default", 7))
+    assert "1" == ledger._run(ledger._enqueue, args).decode()  # the first run's answer
+    assert 0 == redis_client.exists(keys.report("default", 7))
+    assert 0 == queue_length(redis_client)
+    assert 0 < redis_client.ttl(f"{keys.prefix}:enq:{args[6]}") <= 5 + 30
+    # without a token (no replicas to wait for) the same rows are a new report
+    assert "1" == ledger._run(ledger._enqueue, args[:6]).decode()
+    assert 1 == redis_client.exists(keys.report("default", 7))
 
 
 def test_accepted_report_is_never_claimed_again(

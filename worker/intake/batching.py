@@ -58,7 +58,7 @@ class Batcher:
                 self.rows, self.waiter = [], None
                 assert waiter is not None
                 try:
-                    args = enqueue_args(self.keys, self.queue, rows)
+                    args = enqueue_args(self.keys, self.queue, rows, acks=self.acks)
                     # one timeout per round trip (cheaper than a socket timeout per command)
                     async with asyncio.timeout(ROUND_TRIP_TIMEOUT_S):
                         if self.acks.replicas:

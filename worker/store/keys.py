@@ -34,6 +34,8 @@ Workers (each worker process has an id; its heartbeat thread beats every second)
 ``{p}:oom``            STRING  written (SETNX) first by every script: see ``ledger.py``
 ``{p}:acked``          STRING  rewritten after each write that waits for replicas, so that
                                WAIT always covers it (see ``replication.py``)
+``{p}:enq:{token}``    STRING  what an enqueue call that waits for replicas answered, kept
+                               while it may be retried (``redis.connect_retry_s`` + 30 s)
 
 Shared:
 

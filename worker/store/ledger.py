@@ -40,6 +40,8 @@ are dynamic, so this layout targets a single Redis server or a replica set, not 
 
 from __future__ import annotations
 
+import math
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,6 +54,9 @@ from worker.store import messages, replication, scripts
 from worker.store.connection import describe_client
 from worker.store.keys import UNACKED, UNACKED_INDEX, Keys
 from worker.store.vocabulary import Finish
+
+# An enqueue call's token outlives the caller's retries by this much (``enqueue_args``).
+TOKEN_SLACK_S = 30
 
 # After a finish that too few replicas acknowledged, finishes stop waiting for this long
 # (workers keep delivering while a replica is down; docs/design.md §8).
@@ -93,12 +98,17 @@ class SweepEvent:
 
 
 def enqueue_args(
-    keys: Keys, queue: str, rows: Sequence[Sequence[Any]], per_message: int = 1
+    keys: Keys,
+    queue: str,
+    rows: Sequence[Sequence[Any]],
+    per_message: int = 1,
+    acks: replication.ReplicaAcks | None = None,
 ) -> list[Any]:
     """Arguments of ``ENQUEUE_SCRIPT`` (run by ``Ledger.enqueue`` and by the intake's async
-    client)."""
+    client). With ``acks`` to wait for, the call gets a token: run again until replicas
+    have it, it answers what its first run answered instead of queueing again."""
     packed = "".join("\t".join(map(str, row)) + "\n" for row in rows)
-    return [
+    args: list[Any] = [
         keys.prefix,
         messages.list_key(queue, urgent=False),
         _now(),
@@ -106,6 +116,9 @@ def enqueue_args(
         per_message,
         packed,
     ]
+    if acks is not None and acks.replicas:
+        args += [secrets.token_hex(12), math.ceil(acks.budget_s) + TOKEN_SLACK_S]
+    return args
 
 
 def parse_flags(reply: Any) -> list[int]:
@@ -191,10 +204,11 @@ class Ledger:
         one flag per row: 1 queued, 0 duplicate."""
         if not rows:
             return []
-        args = enqueue_args(self.keys, self.queue, rows, per_message)
+        args = enqueue_args(self.keys, self.queue, rows, per_message, self.acks)
         if not self.acks.replicas:
             return parse_flags(self._run(self._enqueue, args))
-        # a re-run answers "duplicate" for what the first run queued: queued if either did
+        # a re-run with the call's token answers as the first run did; if a failover lost
+        # the first run (token and all), the re-run queues afresh: queued if either did
         attempt = self._acked_attempt(self._enqueue, args, ())
 
         def flagged() -> tuple[list[int], int]:

@@ -4,11 +4,19 @@
 --       one argument layout; report keys are built from the prefix)
 -- ARGV: 1 prefix, 2 normal list, 3 now, 4 message template (@ID@, @REFS@), 5 reports per
 --       message, 6 the reports: a line each, tab-separated account, taskId, type, kind,
---       deadline, dead-letter id to remove (replay) or ''
+--       deadline, dead-letter id to remove (replay) or '', 7 (optional) the call's token,
+--       8 its lifetime in seconds: a call run again with the same token (a retry waiting for
+--       replicas, docs/design.md §8) answers what the first run answered and writes nothing,
+--       so a report dead-lettered in between is not queued again
 -- Writes fields: s=q, m, q, t, k, e, d, n=0, v=0 (a new entry); never touches an existing one
 -- Returns: one character per report, "1" queued, "0" duplicate (pending or accepted)
 local list, now, template, per, packed = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
+local token = ARGV[7] or ''
 guard()
+if token ~= '' then
+  local answered = redis.call('GET', p .. ':enq:' .. token)
+  if answered then return answered end
+end
 local compiled = compile(template)
 local rows = {}
 local pattern = '([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\n]*)\n'
@@ -60,4 +68,6 @@ for i = 1, #scored, 1000 do
   redis.call('HSET', p .. ':msgrefs', unpack(refsof, i, math.min(i + 999, #refsof)))
 end
 if added > 0 then redis.call('INCRBY', p .. ':npending', added) end
-return table.concat(flags)
+local answer = table.concat(flags)
+if token ~= '' then redis.call('SET', p .. ':enq:' .. token, answer, 'EX', tonumber(ARGV[8])) end
+return answer
