@@ -137,19 +137,25 @@ def run_http(args: argparse.Namespace) -> dict[str, Any]:
             )
         )
     print(_table(rows))
-    rows = [("client", "self-signed cert", "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY")]
+    support = [("client", "self-signed cert", "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "as CIDR")]
     for name, r in doc["support"].items():
-        rows.append(
+        # a client that uses no proxy has no NO_PROXY to honour
+        proxies = r["https_proxy_used"] or r["http_proxy_used"]
+        no_proxy = [
+            ("honoured" if r[key] else "NOT honoured") if proxies else "-"
+            for key in ("no_proxy_honoured", "no_proxy_cidr_honoured")
+        ]
+        support.append(
             (
                 name,
                 r["self_signed_cert"],
                 "used" if r["https_proxy_used"] else "ignored",
                 "used" if r["http_proxy_used"] else "ignored",
-                "honoured" if r["no_proxy_honoured"] else "NOT honoured",
+                *no_proxy,
             )
         )
     print()
-    print(_table(rows))
+    print(_table(support))
     return {"scenario": "http", **doc}
 
 
@@ -209,14 +215,14 @@ def run_perf(args: argparse.Namespace) -> dict[str, Any]:
     )
     for name in ("single_messages", "bulk_messages", *perf.BASELINES):
         row(
-            f"{name}: CPU ms/report, reports/s",
-            f"{w[name]['cpu_ms_per_report']} ms",
-            f"{w[name]['reports_per_s']:,}/s",
+            f"CPU ms/report (reports/s), {name}",
+            f"{w[name]['cpu_ms_per_report']} ({w[name]['reports_per_s']:,}/s)",
+            "-",
             None,
             "-",
             True,
         )
-    # the targets of issue 15, as same-run ratios (absolute CPU differs between machines)
+    # the CPU targets, as same-run ratios (absolute CPU differs between machines)
     targets = {
         ("single_messages", "naive_celery"): 0.65,
         ("bulk_messages", "dramatiq"): 0.5,

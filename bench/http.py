@@ -38,7 +38,6 @@ import tempfile
 import threading
 import time
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -108,17 +107,19 @@ class RequestsClient:
 
 
 def urllib3_pool(url: str, maxsize: int) -> urllib3.PoolManager:
-    """A pool for ``url`` that honours HTTP(S)_PROXY / NO_PROXY as requests does (urllib3
-    itself reads no environment): the stdlib's own reading of those variables, once."""
+    """A pool for ``url`` that honours HTTP(S)_PROXY / NO_PROXY exactly as requests does
+    (urllib3 itself reads no environment), read once: requests' own reading, since the
+    stdlib's ``proxy_bypass`` ignores NO_PROXY's CIDR entries (``10.0.0.0/8``).
+    ``maxsize`` must be the number of threads: urllib3's default of 1 connection per host
+    would close and reopen the others' connections on every request."""
     options: dict[str, Any] = {
         "maxsize": maxsize,
         "block": False,
         "retries": False,
         "timeout": urllib3.Timeout(connect=CONNECT_S, read=READ_S),
     }
-    parts = urllib.parse.urlsplit(url)
-    proxy = urllib.request.getproxies_environment().get(parts.scheme)
-    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+    proxy = requests.utils.get_environ_proxies(url).get(urllib.parse.urlsplit(url).scheme)
+    if proxy:
         return urllib3.ProxyManager(proxy, **options)
     return urllib3.PoolManager(**options)
 
@@ -371,7 +372,8 @@ def _try(name: str, base: str) -> str:
 
 def support() -> dict[str, dict[str, Any]]:
     """For each candidate: does it refuse a self-signed certificate by default; does it
-    send through HTTP_PROXY / HTTPS_PROXY (a CONNECT for https); does NO_PROXY bypass it."""
+    send through HTTP_PROXY / HTTPS_PROXY (a CONNECT for https); does NO_PROXY bypass it,
+    by host name and by CIDR block."""
     out: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="rf-tls-") as tmp:
         cert, key = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
@@ -425,6 +427,15 @@ def support() -> dict[str, dict[str, Any]]:
                 ):
                     row["no_proxy_direct"] = _try(name, f"http://127.0.0.1:{plain.port}")
                 row["no_proxy_honoured"] = len(proxy.lines) == before and len(plain.lines) > direct
+                before, direct = len(proxy.lines), len(plain.lines)
+                with _env(
+                    HTTP_PROXY=f"http://127.0.0.1:{proxy.port}",
+                    NO_PROXY="127.0.0.0/8",
+                ):
+                    _try(name, f"http://127.0.0.1:{plain.port}")
+                row["no_proxy_cidr_honoured"] = (
+                    len(proxy.lines) == before and len(plain.lines) > direct
+                )
                 out[name] = row
         finally:
             tls.close()
