@@ -189,6 +189,16 @@ def test_classify_non_json_body_on_success_status_is_transient(content: bytes) -
     assert "INVALID_JSON" == outcome.error_code
 
 
+@pytest.mark.parametrize("content", [b"[" * 100_000, b'{"a":' * 100_000, b"[" * 5000 + b"]" * 5000])
+def test_classify_json_nested_too_deep_is_not_the_apis_json(content: bytes) -> None:
+    """A body nested deeper than the JSON parser goes (a hostile or broken server) is a
+    body that is not the API's JSON, never an exception."""
+    outcome = classify(200, content)
+
+    assert "transient" == outcome.status
+    assert "INVALID_JSON" == outcome.error_code
+
+
 # --- classify: the JSON body is read first, whatever the status ---------------------------
 
 

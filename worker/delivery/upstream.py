@@ -142,7 +142,7 @@ def classify(
     busy = http_status >= 500 or http_status == 429
     try:
         body = json.loads(content)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to parse
         body = None
     if not isinstance(body, dict) or "errorId" not in body:
         text = content[: 4 * _room(120, secret)].decode("utf-8", "replace")
