@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-yaml: Any = importlib.import_module("yaml")  # PyYAML (a dependency of `responses`)
+yaml: Any = importlib.import_module("yaml")  # PyYAML (in the test extra)
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES_DIR = ROOT / "config" / "prometheus"

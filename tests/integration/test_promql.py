@@ -26,7 +26,7 @@ from worker.testing.sandbox import Rule, Sandbox
 
 from .conftest import CLIENT_KEY, FAST_RECOVERY, cli_env, wait_until
 
-# PyYAML comes with `responses` (the test extra); imported by name, as no stubs are installed
+# PyYAML is in the test extra; imported by name, as no stubs are installed
 yaml: Any = importlib.import_module("yaml")
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ from typing import Any
 
 from config.grafana import dashboard
 
-# PyYAML comes with `responses` (the test extra); imported by name, as no stubs are installed
+# PyYAML is in the test extra; imported by name, as no stubs are installed
 yaml: Any = importlib.import_module("yaml")
 
 GRAFANA = Path(dashboard.__file__).resolve().parent

@@ -23,7 +23,7 @@ from worker.cli import main
 from worker.errors import ForwarderError
 from worker.store.deadletters import check_id, parse_age
 
-yaml: Any = importlib.import_module("yaml")  # PyYAML (a dependency of `responses`)
+yaml: Any = importlib.import_module("yaml")  # PyYAML (in the test extra)
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNBOOK = ROOT / "docs" / "operations.md"

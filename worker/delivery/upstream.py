@@ -17,6 +17,12 @@ rejected         every other ERROR_* code, whatever the HTTP status (repeating a
 A provider profile may map extra codes (``error_codes`` in providers.toml). The client key
 is scrubbed from every error text this module builds, in any letter case and before any
 text is cut short, even when a server echoes the request (or the key upper-cased) back.
+
+The client is urllib3 directly (the transport requests is built on, without requests' per
+request work: a third of a worker's CPU went to requests, bench/README.md): one keep-alive
+pool per host (per proxy, through one), shared by the process's threads; TLS verified,
+connect and read timeouts, no retries or redirects, proxies from the environment as
+requests reads them.
 """
 
 from __future__ import annotations
@@ -25,14 +31,21 @@ import email.utils
 import functools
 import json
 import math
+import os
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-import requests
+import certifi
+import requests.utils
+import urllib3
+from urllib3.exceptions import HTTPError, NewConnectionError, URLSchemeUnknown
+from urllib3.exceptions import TimeoutError as HTTPTimeoutError
+
+from worker.settings import MAX_CONCURRENCY
 
 Status = Literal["accepted", "rejected", "account_fault", "transient"]
 
@@ -64,26 +77,113 @@ class Outcome:
     duration_s: float = 0.0
 
 
-_sessions = threading.local()
+POOL_SIZE = MAX_CONCURRENCY  # connections kept per host: at least the worker's threads
+_HEADERS = {"Content-Type": "application/json", "User-Agent": "report-forwarder"}
 
+# what a request is sent through: a host's own pool (asked for a path), or a pool manager
+# (asked for a whole URL: one through a proxy, or a caller's)
+Pool = urllib3.HTTPConnectionPool | urllib3.PoolManager
 
-def session() -> requests.Session:
-    """This thread's keep-alive session (requests.Session is not safe to share). It does
-    not read proxy and netrc settings from the environment on every request (that was a
-    sixth of a worker's CPU): proxies are read once per URL by :func:`proxies_for`."""
-    current: requests.Session | None = getattr(_sessions, "session", None)
-    if current is None:
-        current = requests.Session()
-        current.headers["User-Agent"] = "report-forwarder"
-        current.trust_env = False
-        _sessions.session = current
-    return current
+_pools_lock = threading.Lock()
+_pools: dict[object, Pool] = {}  # by (scheme, host, port) when direct, by proxy URL else
 
 
 @functools.lru_cache(maxsize=256)
-def proxies_for(url: str) -> dict[str, str]:
-    """HTTP(S)_PROXY / NO_PROXY from the environment, for ``url`` (read once)."""
-    return dict(requests.utils.get_environ_proxies(url))
+def route(url: str) -> tuple[Pool, str]:
+    """How this process reaches ``url``, worked out once per URL: the keep-alive pool to
+    send through and what to ask it for. Direct, the pool of the URL's host and the path;
+    through the proxy the environment names for the URL (:func:`proxy_for`), that proxy's
+    pool and the whole URL. urllib3's pools are safe to share between threads: every
+    thread of a worker uses the same ones. A pool opens connections as threads need them
+    and keeps up to :data:`POOL_SIZE` per host, so no thread of a worker finds it full
+    (``block=False``: it would open a connection for one request rather than wait)."""
+    proxy = proxy_for(url)
+    if proxy is not None:
+        return _shared(proxy, lambda: new_pool(proxy)), url
+    parts = urllib3.util.parse_url(url)
+    scheme, host, port = parts.scheme or "http", parts.host or "", parts.port
+    return _shared((scheme, host, port), lambda: _host_pool(scheme, host, port)), parts.request_uri
+
+
+def _shared(key: object, make: Callable[[], Pool]) -> Pool:
+    pool = _pools.get(key)
+    if pool is None:
+        with _pools_lock:
+            pool = _pools.get(key)
+            if pool is None:
+                pool = _pools[key] = make()
+    return pool
+
+
+def _host_pool(scheme: str, host: str, port: int | None) -> urllib3.HTTPConnectionPool:
+    """One host's pool, as :func:`new_pool` makes them."""
+    if scheme == "https":
+        return urllib3.HTTPSConnectionPool(
+            host,
+            port,
+            maxsize=POOL_SIZE,
+            block=False,
+            retries=False,
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=certifi.where(),
+        )
+    if scheme == "http":
+        return urllib3.HTTPConnectionPool(host, port, maxsize=POOL_SIZE, block=False, retries=False)
+    raise URLSchemeUnknown(scheme)
+
+
+@functools.lru_cache(maxsize=256)
+def proxy_for(url: str) -> str | None:
+    """The proxy for ``url`` from HTTP(S)_PROXY / ALL_PROXY / NO_PROXY (either letter
+    case) in the environment, read once per URL, chosen as requests chooses it (requests'
+    own functions: the same NO_PROXY matching, CIDR ranges included); None: go direct."""
+    proxy = requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
+    if not proxy:
+        return None
+    return str(requests.utils.prepend_scheme_if_needed(proxy, "http"))  # type: ignore[no-untyped-call]
+
+
+def new_pool(proxy: str | None = None) -> urllib3.PoolManager:
+    """A pool as the shared ones are (through ``proxy`` if given): TLS verified against
+    certifi's CA bundle (the one requests used), no retries and no redirects (each answer
+    is classified as it comes)."""
+    if proxy is None:
+        return urllib3.PoolManager(
+            num_pools=32,
+            maxsize=POOL_SIZE,
+            block=False,
+            retries=False,
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=certifi.where(),
+        )
+    username, password = requests.utils.get_auth_from_url(proxy)
+    auth = urllib3.make_headers(proxy_basic_auth=f"{username}:{password}") if username else None
+    return urllib3.ProxyManager(
+        proxy,
+        proxy_headers=auth,
+        num_pools=32,
+        maxsize=POOL_SIZE,
+        block=False,
+        retries=False,
+        cert_reqs="CERT_REQUIRED",
+        ca_certs=certifi.where(),
+    )
+
+
+def _forget_pools() -> None:
+    """In a forked child: start with no pools (the parent's sockets are not the child's)."""
+    global _pools_lock  # noqa: PLW0603  # a lock held at fork time would stay held
+    _pools_lock = threading.Lock()
+    _pools.clear()
+    route.cache_clear()
+
+
+os.register_at_fork(after_in_child=_forget_pools)
+
+
+@functools.lru_cache(maxsize=64)
+def _timeout(connect_s: float, read_s: float) -> urllib3.Timeout:
+    return urllib3.Timeout(connect=connect_s, read=read_s)
 
 
 def send_report(
@@ -94,30 +194,34 @@ def send_report(
     connect_timeout_s: float = 5.0,
     read_timeout_s: float = 10.0,
     error_codes: Mapping[str, str] | None = None,
-    http: requests.Session | None = None,
+    http: urllib3.PoolManager | None = None,
 ) -> Outcome:
-    """POST ``{"clientKey": ..., "taskId": ...}`` to ``url`` and classify the answer."""
+    """POST ``{"clientKey": ..., "taskId": ...}`` to ``url`` and classify the answer.
+    ``http``: a pool manager to send through, as it is (default: :func:`route`)."""
     body = json.dumps({"clientKey": client_key, "taskId": task_id}).encode()
     started = time.perf_counter()
     try:
-        response = (http or session()).post(
-            url,
-            data=body,
-            headers={"Content-Type": "application/json"},
-            timeout=(connect_timeout_s, read_timeout_s),
-            allow_redirects=False,
-            proxies=proxies_for(url),
+        pool, target = (http, url) if http is not None else route(url)
+        response = pool.urlopen(
+            "POST",
+            target,
+            body=body,
+            headers=_HEADERS,
+            timeout=_timeout(connect_timeout_s, read_timeout_s),
+            retries=False,
+            redirect=False,
         )
-        content = response.content
-    except requests.Timeout as exc:
-        detail = _describe(exc, client_key)
-        return Outcome("transient", None, "TIMEOUT", detail, None, _since(started))
-    except requests.RequestException as exc:
+        content = response.data
+    except NewConnectionError as exc:  # a subclass of ConnectTimeoutError, but no timeout
         detail = _describe(exc, client_key)
         return Outcome("transient", None, "CONNECTION_ERROR", detail, None, _since(started))
-    outcome = classify(
-        response.status_code, content, response.headers, error_codes, secret=client_key
-    )
+    except HTTPTimeoutError as exc:  # connect or read timeout
+        detail = _describe(exc, client_key)
+        return Outcome("transient", None, "TIMEOUT", detail, None, _since(started))
+    except (HTTPError, OSError, ValueError) as exc:  # refused, reset, TLS, proxy, bad URL...
+        detail = _describe(exc, client_key)
+        return Outcome("transient", None, "CONNECTION_ERROR", detail, None, _since(started))
+    outcome = classify(response.status, content, response.headers, error_codes, secret=client_key)
     return Outcome(
         outcome.status,
         outcome.http_status,
@@ -142,7 +246,7 @@ def classify(
     busy = http_status >= 500 or http_status == 429
     try:
         body = json.loads(content)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to parse
         body = None
     if not isinstance(body, dict) or "errorId" not in body:
         text = content[: 4 * _room(120, secret)].decode("utf-8", "replace")
