@@ -11,7 +11,7 @@
 -- Writes fields: s=q, m, q, t, k, e, d, n=0, v=0 (a new entry); never touches an existing one
 -- Returns: one character per report, "1" queued, "0" duplicate (pending or accepted)
 local list, now, template, per, packed = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
-local token = ARGV[7] or ''
+local token, token_ttl = ARGV[7] or '', tonumber(ARGV[8])
 guard()
 if token ~= '' then
   local answered = redis.call('GET', p .. ':enq:' .. token)
@@ -69,5 +69,5 @@ for i = 1, #scored, 1000 do
 end
 if added > 0 then redis.call('INCRBY', p .. ':npending', added) end
 local answer = table.concat(flags)
-if token ~= '' then redis.call('SET', p .. ':enq:' .. token, answer, 'EX', tonumber(ARGV[8])) end
+if token ~= '' then redis.call('SET', p .. ':enq:' .. token, answer, 'EX', token_ttl) end
 return answer
