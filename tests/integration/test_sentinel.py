@@ -246,3 +246,39 @@ def test_a_dead_replica_slows_no_worker_for_long(
     assert len(lines) < 40  # one per back-off period, not one per report
     assert int(producer.client.get(Keys().npending) or 0) == 0
     producer.client.close()
+
+
+def test_the_intake_rides_through_a_failover_instead_of_answering_503(
+    env: dict[str, str], cluster2: SentinelCluster, tmp_path: Path
+) -> None:
+    """A report POSTed to the intake right after the primary is SIGKILLed is answered
+    success once a Sentinel has promoted a replica: the intake makes its round trip again
+    while the failure is a lost connection (for connect_retry_s, at most 9 s), and with
+    min_replicas_ack = 1 the report is on a replica when it says so."""
+    environ = _env(
+        env,
+        cluster2,
+        tmp_path,
+        REPORT_FORWARDER_MIN_REPLICAS_ACK="1",
+        REPORT_FORWARDER_CONNECT_RETRY_S="9",
+    )
+    settings = load_settings(environ=environ)
+    url = "/reportIncorrectImageCaptcha"
+    with Server(Intake(settings, settings.redis_url, environ=environ)) as server:
+        before = requests.post(
+            server.url + url, json={"clientKey": CLIENT_KEY, "taskId": 901}, timeout=30
+        )
+        assert before.status_code == 200, before.text
+        old = cluster2.primary()
+        old.kill()
+        during = requests.post(
+            server.url + url, json={"clientKey": CLIENT_KEY, "taskId": 902}, timeout=30
+        )
+        new = cluster2.primary()
+    assert new.port != old.port  # the answer came from the promoted replica
+    assert during.status_code == 200, during.text
+    assert during.json()["errorId"] == 0
+    producer = Producer(settings)
+    keys = Keys(settings.key_prefix)
+    assert producer.client.exists(keys.report("default", 902)) == 1
+    producer.client.close()

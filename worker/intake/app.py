@@ -198,6 +198,7 @@ class Intake:
             self.keys,
             self.settings.queue,
             acks=store.replica_acks(self.settings, self.settings.connect_retry_s),
+            retry_s=self.settings.connect_retry_s,
         )
 
     async def shutdown(self) -> None:

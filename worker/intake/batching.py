@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from worker.store import replication
+from worker.store.connection import transient
 from worker.store.keys import Keys
 from worker.store.ledger import enqueue_args, parse_flags
 from worker.store.vocabulary import EnqueueRow
@@ -26,8 +27,13 @@ class Batcher:
         keys: Keys,
         queue: str,
         acks: replication.ReplicaAcks | None = None,
+        retry_s: float = 0.0,
     ) -> None:
         self.script = script
+        # a round trip that loses its connection (a Redis restart, a Sentinel failover) is
+        # made again for this long (bounded by the round trip's timeout), so a request
+        # rides through a failover of a few seconds instead of getting a 503
+        self.retry_s = min(retry_s, ROUND_TRIP_TIMEOUT_S - 1)
         self.keys = keys
         self.queue = queue
         # with replicas to wait for, a request is answered only once they have its reports
@@ -61,10 +67,7 @@ class Batcher:
                     args = enqueue_args(self.keys, self.queue, rows, acks=self.acks)
                     # one timeout per round trip (cheaper than a socket timeout per command)
                     async with asyncio.timeout(ROUND_TRIP_TIMEOUT_S):
-                        if self.acks.replicas:
-                            flags = await self._acked(args)
-                        else:
-                            flags = parse_flags(await self.script(args=args))
+                        flags = await self._round_trip(args)
                 except Exception as exc:  # every request of this batch gets the failure
                     waiter.set_exception(exc)
                     waiter.exception()  # retrieved: no "never retrieved" warning if all left
@@ -72,6 +75,24 @@ class Batcher:
                 waiter.set_result(flags)
         finally:
             self.running = False
+
+    async def _round_trip(self, args: list[Any]) -> list[int]:
+        """The enqueue, made again while its failure is transient and ``retry_s`` lasts.
+        Made again, an enqueue that waits for replicas answers as its first run did (its
+        token); one that does not could queue a report twice only if the first run's
+        reply was lost and the report finished in between (milliseconds)."""
+        deadline = time.monotonic() + self.retry_s
+        delay = 0.05
+        while True:
+            try:
+                if self.acks.replicas:
+                    return await self._acked(args)
+                return parse_flags(await self.script(args=args))
+            except Exception as exc:
+                if not transient(exc) or time.monotonic() + delay > deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
     async def _acked(self, args: list[Any]) -> list[int]:
         """The enqueue script then WAIT, re-run until enough replicas acknowledge it (a

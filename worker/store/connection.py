@@ -83,6 +83,15 @@ class BoundedRetry(Retry):
                 time.sleep(delay)
 
 
+def transient(exc: BaseException) -> bool:
+    """Whether a failed call may succeed if made again soon: the connection was lost or
+    timed out, the server is loading its AOF, or a primary was turned into a replica (a
+    restart or a failover) — not a refusal such as bad credentials or out of memory."""
+    if isinstance(exc, redis.AuthenticationError):
+        return False
+    return isinstance(exc, (*_RETRY_ON, redis.exceptions.ReadOnlyError, ConnectionError))
+
+
 def resolve_url(settings: Settings) -> str:
     """The Redis URL to use: ``REDIS_URL``, else the embedded server (started if needed)."""
     if settings.redis_url:
