@@ -14,8 +14,8 @@ import time
 import pytest
 from hypothesis import given
 from hypothesis import settings as hsettings
-from hypothesis import strategies as st
 
+from tests.key_echo import FLIPS, KEYS, PADS, WHERE, assert_key_absent, echoing_answer
 from worker.delivery.upstream import (
     MAX_RETRY_AFTER_S,
     Outcome,
@@ -316,28 +316,13 @@ def test_parse_retry_after_unusable_values(value: str | None) -> None:
 
 # --- classify: the key never leaks into detail ---------------------------------------------
 
-# API-key-like strings: printable ASCII (quotes and backslashes included) but no "*", the
-# mask's own letter, and long enough not to occur in a detail's fixed text by chance
-KEYS = st.text(
-    st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="*"),
-    min_size=12,
-    max_size=64,
-)
-
-
-def _mangle(key: str, flips: list[bool]) -> str:
-    """``key`` with each letter's case set by ``flips``."""
-    return "".join(
-        c.lower() if i < len(flips) and not flips[i] else c.upper() for i, c in enumerate(key)
-    )
-
 
 @hsettings(deadline=None, max_examples=300)
 @given(
     key=KEYS,
-    flips=st.lists(st.booleans(), max_size=64),
-    where=st.sampled_from(["description", "html", "request"]),
-    pad=st.integers(0, 400),
+    flips=FLIPS,
+    where=WHERE,
+    pad=PADS,
 )
 def test_classify_masks_a_case_mangled_echo_of_any_key(
     key: str, flips: list[bool], where: str, pad: int
@@ -345,27 +330,10 @@ def test_classify_masks_a_case_mangled_echo_of_any_key(
     """Whatever the key, wherever an answer echoes it (an error description, an HTML page,
     the request body) and however its letters' case changed, ``detail`` holds neither the
     key nor its first half (the same over real HTTP: tests/integration/test_upstream.py)."""
-    echo = _mangle(key, flips)
-    if where == "description":  # the API's JSON with the echo in its description
-        status = 200
-        body = json.dumps(
-            {
-                "errorId": 1,
-                "errorCode": "ERROR_KEY_DOES_NOT_EXIST",
-                "errorDescription": " " * pad + echo,
-            }
-        )
-    elif where == "html":
-        status, body = 400, "<pre>" + " " * pad + echo + "</pre>"
-    else:  # the request body as sent (the key JSON-escaped), case-mangled
-        status = 502
-        body = " " * pad + _mangle(json.dumps({"clientKey": key, "taskId": TASK_ID}), flips)
+    status, body = echoing_answer(key, flips, where, pad, TASK_ID)
+    outcome = classify(status, body, secret=key)
 
-    outcome = classify(status, body.encode(), secret=key)
-
-    assert key.lower() not in outcome.detail.lower()
-    assert key[: len(key) // 2].lower() not in outcome.detail.lower()
-    assert json.dumps(key)[1:-1].lower() not in outcome.detail.lower()
+    assert_key_absent(outcome.detail, key)
 
 
 def test_outcome_is_immutable() -> None:

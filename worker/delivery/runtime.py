@@ -41,7 +41,8 @@ from worker.store import calls as guarded
 from worker.store import connection as store
 from worker.store import scripts
 from worker.store.keys import Keys
-from worker.store.ledger import UNREPLICATED_BACKOFF_S, WORKER_TIMEOUT_S, Ledger, SweepEvent
+from worker.store.ledger import WORKER_TIMEOUT_S, Ledger, SweepEvent
+from worker.store.replication import UNREPLICATED_BACKOFF_S
 
 log = get_logger("worker.runtime")
 

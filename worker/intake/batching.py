@@ -95,28 +95,18 @@ class Batcher:
             delay = min(delay * 2, 0.5)
 
     async def _acked(self, args: list[Any]) -> list[int]:
-        """The enqueue script then WAIT, re-run until enough replicas acknowledge it (a
-        re-run answers "duplicate" for what the first queued: queued if either did), for
-        at most the replica budget; StoreUnreplicatedError after that."""
-        budget = min(self.acks.budget_s, ROUND_TRIP_TIMEOUT_S - 1)
-        deadline = time.monotonic() + budget
-        client = self.script.registered_client
-        marker = self.keys.acked
-        reply, count = await replication.run_once_async(
-            client, self.script, (), args, marker=marker, acks=self.acks
+        """The enqueue then WAIT, run again until enough replicas acknowledge it (at most
+        the replica budget, inside the round trip's timeout); StoreUnreplicatedError
+        after that."""
+        return await replication.enqueue_acked_async(
+            self.script.registered_client,
+            self.script,
+            args,
+            marker=self.keys.acked,
+            acks=self.acks,
+            budget_s=min(self.acks.budget_s, ROUND_TRIP_TIMEOUT_S - 1),
+            parse=parse_flags,
         )
-        flags = parse_flags(reply)
-        delay = 0.05
-        while count < self.acks.replicas and time.monotonic() + delay < deadline:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.5)
-            reply, count = await replication.run_once_async(
-                client, self.script, (), args, marker=marker, acks=self.acks
-            )
-            flags = [max(a, b) for a, b in zip(flags, parse_flags(reply), strict=True)]
-        if count < self.acks.replicas:
-            raise replication.shortfall(self.acks, count, "", "could not enqueue")
-        return flags
 
 
 class ClientLimiter:

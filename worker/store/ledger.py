@@ -51,16 +51,11 @@ import redis
 
 from worker.store import calls as guarded
 from worker.store import messages, replication, scripts
-from worker.store.connection import describe_client
 from worker.store.keys import UNACKED, UNACKED_INDEX, Keys
 from worker.store.vocabulary import Finish
 
 # An enqueue call's token outlives the caller's retries by this much (``enqueue_args``).
 TOKEN_SLACK_S = 30
-
-# After a finish that too few replicas acknowledged, finishes stop waiting for this long
-# (workers keep delivering while a replica is down; docs/design.md §8).
-UNREPLICATED_BACKOFF_S = 10.0
 
 # The heartbeat: how often a worker says it is alive, and how long without one before the
 # sweep (any worker's) takes it for dead and hands its reports on.
@@ -153,8 +148,7 @@ class Ledger:
         self.client = client
         # enqueue and finish wait for this many replicas (docs/design.md §8); 0: no waiting
         self.acks = acks or replication.ReplicaAcks()
-        self.on_unreplicated = on_unreplicated
-        self._finish_waits_after = 0.0
+        self.waiter = replication.Waiter(client, keys.acked, self.acks, on_unreplicated)
         self.keys = keys
         self.queue = queue
         self.urgent_list, self.normal_list = messages.list_keys(queue)
@@ -179,25 +173,6 @@ class Ledger:
         unreachable, other). Scripts write all or nothing, so a failed call changed nothing."""
         return guarded.call(script, keys=keys, args=args, on=self.client)
 
-    def _acked_attempt(
-        self, script: Any, args: Sequence[Any], keys: Sequence[str]
-    ) -> Callable[[], tuple[Any, int]]:
-        """One run of ``script`` followed by WAIT (``replication.run_once``)."""
-
-        def attempt() -> tuple[Any, int]:
-            return guarded.call(
-                replication.run_once,
-                self.client,
-                script,
-                keys,
-                args,
-                marker=self.keys.acked,
-                acks=self.acks,
-                on=self.client,
-            )
-
-        return attempt
-
     def enqueue(self, rows: Sequence[Sequence[Any]], *, per_message: int = 1) -> list[int]:
         """Queue ``rows`` (:class:`~worker.store.vocabulary.EnqueueRow`, or any sequence of its
         fields: account, task_id, type, kind, deadline, dead-letter id or '');
@@ -209,21 +184,7 @@ class Ledger:
             return parse_flags(self._run(self._enqueue, args))
         # a re-run with the call's token answers as the first run did; if a failover lost
         # the first run (token and all), the re-run queues afresh: queued if either did
-        attempt = self._acked_attempt(self._enqueue, args, ())
-
-        def flagged() -> tuple[list[int], int]:
-            reply, count = attempt()
-            return parse_flags(reply), count
-
-        flags, count = replication.until_acked(
-            flagged,
-            self.acks,
-            merge=lambda first, again: [max(a, b) for a, b in zip(first, again, strict=True)],
-        )
-        if count < self.acks.replicas:
-            where = f" at {describe_client(self.client)}"
-            raise replication.shortfall(self.acks, count, where, "could not enqueue")
-        return list(flags)
+        return self.waiter.enqueue(self._enqueue, args, parse_flags)
 
     def claim(
         self,
@@ -308,25 +269,10 @@ class Ledger:
         return bool(int(reply))
 
     def _run_finish(self, args: Sequence[Any], keys: Sequence[str]) -> Any:
-        """Run the finish script; with ``acks``, wait (a few WAIT timeouts at most) until
-        enough replicas have the outcome, so that a failover cannot undo it and send the
-        report again. If they do not answer, the outcome stands on the primary (the report
-        was sent: nothing can undo that), ``on_unreplicated`` is told, and finishes stop
-        waiting for ``UNREPLICATED_BACKOFF_S`` — a lost replica slows no report for long."""
-        now = time.monotonic()
-        if not self.acks.replicas or now < self._finish_waits_after:
+        """The finish script, waiting briefly for replicas when ``acks`` asks for them."""
+        if not self.acks.replicas:
             return self._run(self._finish, args, keys)
-        patience = replication.ReplicaAcks(
-            self.acks.replicas, self.acks.timeout_s, budget_s=2 * self.acks.timeout_s
-        )
-        reply, count = replication.until_acked(
-            self._acked_attempt(self._finish, args, keys), patience
-        )
-        if count < self.acks.replicas:
-            self._finish_waits_after = time.monotonic() + UNREPLICATED_BACKOFF_S
-            if self.on_unreplicated is not None:
-                self.on_unreplicated("finish", count)
-        return reply
+        return self.waiter.finish(self._finish, args, keys)
 
     def sweep(
         self,

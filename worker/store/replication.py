@@ -16,6 +16,7 @@ would have done or changes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,11 @@ import redis
 import redis.asyncio
 
 from worker.errors import StoreUnreplicatedError
+from worker.store import calls
+
+# After a finish that too few replicas acknowledged, finishes stop waiting for this long
+# (workers keep delivering while a replica is down; docs/design.md §8).
+UNREPLICATED_BACKOFF_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +117,12 @@ def shortfall(acks: ReplicaAcks, count: int, where: str, doing: str) -> StoreUnr
     )
 
 
+def either(first: list[int], again: list[int]) -> list[int]:
+    """An enqueue's flags over its runs: queued if any run queued the report (a re-run
+    answers as the first did, by its token, unless a failover lost the first)."""
+    return [max(a, b) for a, b in zip(first, again, strict=True)]
+
+
 def until_acked(
     attempt: Callable[[], tuple[Any, int]],
     acks: ReplicaAcks,
@@ -127,3 +139,96 @@ def until_acked(
         again, count = attempt()
         reply = merge(reply, again)
     return reply, count
+
+
+async def enqueue_acked_async(
+    client: redis.asyncio.Redis,
+    script: Any,
+    args: Sequence[Any],
+    *,
+    marker: str,
+    acks: ReplicaAcks,
+    budget_s: float,
+    parse: Callable[[Any], list[int]],
+) -> list[int]:
+    """The intake's enqueue: :func:`run_once_async` until ``acks.replicas`` replicas have
+    it or ``budget_s`` has passed (flags merged by :func:`either`); StoreUnreplicatedError
+    after that."""
+    deadline = time.monotonic() + budget_s
+    reply, count = await run_once_async(client, script, (), args, marker=marker, acks=acks)
+    flags = parse(reply)
+    delay = 0.05
+    while count < acks.replicas and time.monotonic() + delay < deadline:
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.5)
+        reply, count = await run_once_async(client, script, (), args, marker=marker, acks=acks)
+        flags = either(flags, parse(reply))
+    if count < acks.replicas:
+        raise shortfall(acks, count, "", "could not enqueue")
+    return flags
+
+
+class Waiter:
+    """A client's scripts followed by WAIT, under ``acks``: what the ledger's enqueue and
+    finish run when they must wait for replicas (docs/design.md §8)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        marker: str,
+        acks: ReplicaAcks | None = None,
+        on_unreplicated: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.marker = marker
+        self.acks = acks or ReplicaAcks()
+        self.on_unreplicated = on_unreplicated
+        self._briefly_until = 0.0  # finishes wait again after this (monotonic)
+
+    def _attempt(
+        self, script: Any, args: Sequence[Any], keys: Sequence[str]
+    ) -> Callable[[], tuple[Any, int]]:
+        def attempt() -> tuple[Any, int]:
+            return calls.call(
+                run_once, self.client, script, keys, args, marker=self.marker, acks=self.acks,
+                on=self.client,
+            )  # fmt: skip
+
+        return attempt
+
+    def enqueue(
+        self, script: Any, args: Sequence[Any], parse: Callable[[Any], list[int]]
+    ) -> list[int]:
+        """Run the enqueue until enough replicas have it, for ``acks.budget_s``;
+        StoreUnreplicatedError (naming the Redis) after that."""
+        attempt = self._attempt(script, args, ())
+
+        def flagged() -> tuple[list[int], int]:
+            reply, count = attempt()
+            return parse(reply), count
+
+        flags, count = until_acked(flagged, self.acks, merge=either)
+        if count < self.acks.replicas:
+            from worker.store.connection import describe_client  # only on failure
+
+            where = f" at {describe_client(self.client)}"
+            raise shortfall(self.acks, count, where, "could not enqueue")
+        return list(flags)
+
+    def finish(self, script: Any, args: Sequence[Any], keys: Sequence[str]) -> Any:
+        """Run a finish and wait a few WAIT timeouts at most until enough replicas have
+        the outcome, so that a failover cannot undo it and send the report again. If they
+        do not answer, the outcome stands on the primary (the report was sent: nothing can
+        undo that), ``on_unreplicated`` is told, and finishes stop waiting for
+        ``UNREPLICATED_BACKOFF_S``: a lost replica slows no report for long."""
+        if time.monotonic() < self._briefly_until:
+            return calls.call(script, keys=keys, args=args, on=self.client)
+        patience = ReplicaAcks(
+            self.acks.replicas, self.acks.timeout_s, budget_s=2 * self.acks.timeout_s
+        )
+        reply, count = until_acked(self._attempt(script, args, keys), patience)
+        if count < self.acks.replicas:
+            self._briefly_until = time.monotonic() + UNREPLICATED_BACKOFF_S
+            if self.on_unreplicated is not None:
+                self.on_unreplicated("finish", count)
+        return reply
