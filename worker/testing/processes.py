@@ -10,12 +10,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import redis
 
 from worker.store.embedded import redis_server_binary
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -220,6 +223,20 @@ class SentinelCluster:
         if port is None:
             raise RuntimeError("the Sentinels name no primary")
         return self.node(port)
+
+    def kill_primary(self, look: Callable[[redis.Redis], T]) -> tuple[RedisProcess, T]:
+        """SIGKILL the primary, having first paused its writes and let ``look`` read it:
+        what ``look`` sees is what the primary held when it died, with no write landing
+        in between. Its replicas may still lack some of it: that is the fault."""
+        old = self.primary()
+        client = redis.Redis(port=old.port, socket_timeout=5)
+        try:
+            client.client_pause(60_000, all=False)  # WRITE: reads are still answered
+            seen = look(client)
+        finally:
+            client.close()
+        old.kill()
+        return old, seen
 
     def wait_for_new_primary(self, old_port: int, timeout_s: float = 60.0) -> RedisProcess:
         """Poll until a majority of the Sentinels name a primary other than ``old_port``
