@@ -99,3 +99,44 @@ def test_redaction_masks_any_key_in_any_case_mix(key: str, flips: list[bool], be
         assert key.lower() not in value.lower(), value
         assert json.dumps(key)[1:-1].lower() not in value.lower(), value
     assert f"key{before}{REDACTED}{before}end" == event["error"]
+
+
+class _Writes(io.StringIO):
+    """A stream that remembers each write call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return super().write(text)
+
+
+def test_lines_logged_together_go_out_in_one_write_even_when_the_block_raises() -> None:
+    """A batch's outcome lines (docs/design.md §3.4): held while the block runs (nested
+    blocks too), then written in one call, in order — also when the block raises; a line
+    from another thread meanwhile is written at once."""
+    import threading
+
+    stream = _Writes()
+    configure("json", "INFO", stream=stream, cache=False)
+    log = structlog.get_logger("worker.x")
+
+    def batch() -> None:
+        with logs.together():
+            log.info("report.accepted", task_id=1)
+            with logs.together():
+                log.info("report.accepted", task_id=2)
+            other = threading.Thread(target=lambda: log.info("report.accepted", task_id=99))
+            other.start()
+            other.join()
+            assert [json.loads(c)["task_id"] for c in stream.calls] == [99]
+            raise RuntimeError("mid-batch")
+
+    with pytest.raises(RuntimeError, match="mid-batch"):
+        batch()
+    assert len(stream.calls) == 2
+    assert [json.loads(x)["task_id"] for x in stream.calls[1].splitlines()] == [1, 2]
+    log.info("report.accepted", task_id=3)
+    assert json.loads(stream.calls[-1])["task_id"] == 3

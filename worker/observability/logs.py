@@ -13,7 +13,8 @@ import logging
 import re
 import sys
 import threading
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
 from typing import Any
 
 import structlog
@@ -78,6 +79,52 @@ def _renderer(fmt: str, stream: Any) -> Any:
     return structlog.processors.JSONRenderer()
 
 
+class _Lines:
+    """Where our lines go: written and flushed one by one, except on a thread inside
+    :func:`together`, whose lines wait and go out in one write when it ends."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self._local = threading.local()
+
+    def write(self, text: str) -> None:
+        waiting = getattr(self._local, "waiting", None)
+        if waiting is None:
+            self.stream.write(text)
+        else:
+            waiting.append(text)
+
+    def flush(self) -> None:
+        if getattr(self._local, "waiting", None) is None:
+            self.stream.flush()
+
+    @contextmanager
+    def together(self) -> Iterator[None]:
+        if getattr(self._local, "waiting", None) is not None:  # nested: the outer one writes
+            yield
+            return
+        self._local.waiting = []
+        try:
+            yield
+        finally:
+            text = "".join(self._local.waiting)
+            self._local.waiting = None
+            if text:
+                self.stream.write(text)
+                self.stream.flush()
+
+
+_lines = _Lines(sys.stdout)  # its stream is set by configure()
+
+
+@contextmanager
+def together() -> Iterator[None]:
+    """This thread's lines in the block written at its end, in one write: a batch's
+    outcome lines cost one system call, not one each (docs/design.md §3.4)."""
+    with _lines.together():
+        yield
+
+
 def configure(
     fmt: str = "auto", level: str = "INFO", *, stream: Any = None, cache: bool = True
 ) -> None:
@@ -86,6 +133,7 @@ def configure(
     root logger, rendered by the same processors, so every line has one format."""
     stream = stream or sys.stdout
     renderer = _renderer(fmt, stream)
+    _lines.stream = stream
     stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
@@ -97,7 +145,7 @@ def configure(
             structlog.processors.format_exc_info,
             renderer,
         ],
-        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        logger_factory=structlog.WriteLoggerFactory(file=_lines),  # type: ignore[arg-type]
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
