@@ -182,10 +182,12 @@ class _Run:
         types = ["ImageToTextTask", "RecaptchaV2TaskProxyless", "HCaptchaTask", "TurnstileTask"]
         for start in range(0, len(self.ids), 100):
             items = [(t, types[t % len(types)]) for t in self.ids[start : start + 100]]
+            # bulk messages, and single-report ones (which workers take several at a time)
+            per_message = 1 if start // 100 % 2 else 20
             while True:
                 began = time.monotonic()
                 try:
-                    self.producer.enqueue_many(items)
+                    self.producer.enqueue_many(items, per_message=per_message)
                     self.fed += len(items)
                     break
                 except StoreFullError:

@@ -131,7 +131,7 @@ class Service:
 def running_worker(
     settings: Settings, environ: dict[str, str], concurrency: int = 8
 ) -> Iterator[Service]:
-    runtime = Runtime(settings, settings.redis_url, environ)
+    runtime = Runtime(settings, settings.redis_url, environ, concurrency=concurrency)
     app = create_app(runtime)
     options = worker_options(settings.queue, concurrency)
     with start_worker(app, perform_ping_check=False, shutdown_timeout=30, **options):

@@ -60,7 +60,13 @@ def worker(
     # whatever cannot be acked); Celery warns about that default on every reconnect.
     warnings.filterwarnings("ignore", message=r"(?s).*worker_cancel_long_running_tasks")
     metrics = Metrics()
-    runtime = Runtime(settings, store.resolve_url(settings), metrics=metrics)
+    options = worker_options(settings.queue, concurrency or settings.concurrency)
+    runtime = Runtime(
+        settings,
+        store.resolve_url(settings),
+        metrics=metrics,
+        concurrency=options["concurrency"],
+    )
     if metrics_port:
         # a scrape must answer within Prometheus's timeout, Redis up or not: the fleet
         # gauges read Redis with one short attempt, not the worker's 30-s patience
@@ -72,7 +78,6 @@ def worker(
         app.conf.task_send_sent_event = True
     if remote_control:
         app.conf.worker_enable_remote_control = True
-    options = worker_options(settings.queue, concurrency or settings.concurrency)
     node = hostname or f"report-forwarder-{os.getpid()}@{socket.gethostname()}"
     celery_worker = app.Worker(
         hostname=node,

@@ -28,6 +28,7 @@ import itertools
 import os
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import redis
@@ -80,12 +81,16 @@ class Limiter:
     def claim_args(self, account: Account) -> list[str | float | int]:
         """What the ledger's claim needs to plan and admit for ``account`` in one trip."""
         limit = account.rate_limit
-        return [
-            self.interval_s(limit),
-            limit.amount,
-            limit.period_s + self.margin_s,
-            f"{self._origin}-{next(self._ids)}",
-        ]
+        return [self.interval_s(limit), limit.amount, limit.period_s + self.margin_s]
+
+    def claim_limits(self, accounts: Iterable[Account]) -> str:
+        """The claim script's table of rate limits (``accounts``' own, as :meth:`claim_args`)."""
+        rows = ([a.name, *self.claim_args(a)] for a in accounts)
+        return "".join("\t".join(map(str, row)) + "\n" for row in rows)
+
+    def member_prefix(self) -> str:
+        """A fresh prefix for the sliding-log members a claim adds (unique per call)."""
+        return f"{self._origin}-{next(self._ids)}"
 
     def plan(self, account: Account, deadline: float) -> Slot:
         """Reserve the account's next free slot (unless it falls after ``deadline``)."""

@@ -5,19 +5,23 @@ POST → classify → record exactly one outcome, announced once. The steps of
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
+from worker.delivery.background import HeldMessages
 from worker.delivery.ratelimit import Limiter
 from worker.delivery.retries import Policy, Step, next_step
 from worker.delivery.upstream import Outcome, send_report
-from worker.errors import ReportError
+from worker.errors import ReportError, StoreError
+from worker.observability import logs
 from worker.observability.events import Announcer
 from worker.observability.logs import get_logger
 from worker.settings import Account, Settings
 from worker.store.keys import split_ref
-from worker.store.ledger import Claim, Ledger
+from worker.store.ledger import Claim, Ledger, Record
 from worker.store.vocabulary import Finish, Reason
 
 log = get_logger("worker.runtime")
@@ -30,6 +34,15 @@ T = TypeVar("T")
 DEFER_LEAD_S = 0.5
 # Longest a thread waits for admission (a cool-down) before deferring the report instead.
 MAX_ADMIT_WAIT_S = 2.0
+# While some report of a message is still on its way, those with an outcome are recorded
+# this often instead of waiting for it.
+FLUSH_AFTER_S = 1.0
+# A report of a batch started this soon after the claim is sent whatever its lease (one
+# claimed alone would be): later ones only with their longest path's time left on it.
+FRESH_S = 1.0
+# A message with fewer reports than this takes more messages off the queue in its claim's
+# round trip (docs/design.md §3.4): Celery's cost per task, paid once for several messages.
+TAKE_UP_TO = 20
 
 
 class ReportSteps:
@@ -42,37 +55,147 @@ class ReportSteps:
     client_keys: dict[str, str]
     announce: Announcer
     worker_id: str
+    crew: Crew
+    sending: threading.Semaphore  # the worker's threads: at most this many reports at once
+    held: HeldMessages
+    _pauses: dict[str, float]  # account → when this worker last saw it paused
+    stopping: threading.Event
+    _limits: str  # Limiter.claim_limits of the configured accounts
 
     def _store(self, call: Callable[[], T], what: str) -> T:  # pragma: no cover - Runtime's
         raise NotImplementedError
 
-    def process(self, ref: str, message_id: str, *, last: bool = False) -> str:
-        """Deliver one report of message ``message_id``; returns what became of it. ``last``:
-        the message's last report, whose outcome also closes the message ("skipped": not)."""
-        account_name, task_id = split_ref(ref)
-        account = self.settings.accounts.get(account_name)
-        limiter_args = self.limiter.claim_args(account) if account is not None else ()
-        claim = self._store(
-            lambda: self.ledger.claim(
-                ref, message_id, self.settings.lease_s, limiter_args, worker=self.worker_id
-            ),
-            "claim",
+    def _done(self, message_id: str) -> None:  # pragma: no cover - Runtime's
+        raise NotImplementedError
+
+    def deliver_message(self, message_id: str, refs: Sequence[str]) -> None:
+        """Deliver the reports of one message — and, with room, of more messages taken off
+        the queue in the same round trip (up to ``TAKE_UP_TO`` reports in all): claimed in
+        one round trip, sent side by side (this thread and any idle crew thread), their
+        outcomes recorded together; the last round trip also closes the messages. Each
+        report keeps its own claim, lease, outcome and log line (docs/design.md §3.1)."""
+        began = time.time()
+        try:
+            claimed = self._store(
+                lambda: self.ledger.claim_many(
+                    [(message_id, ref) for ref in refs],
+                    self.settings.lease_s,
+                    worker=self.worker_id,
+                    limits=self._limits,
+                    member_prefix=self.limiter.member_prefix(),
+                    room=TAKE_UP_TO,
+                ),
+                "claim",
+            )
+        except StoreError as exc:  # still queued for this message: the sweep hands it on
+            log.warning("message.store_failed", message_id=message_id, error=str(exc))
+            self._done(message_id)
+            return
+        batch = Batch(began, began + self.settings.lease_s, time.time())
+        batch.add(message_id, zip(refs, claimed.claims, strict=True))
+        for taken_id, answers in claimed.taken:
+            self.held.add(taken_id)
+            batch.add(taken_id, answers)
+        try:
+            if len(batch.jobs) > 1:
+                self.crew.share(batch)
+            while self.work_on(batch):
+                pass
+            self.crew.withdraw(batch)
+            self._settle(batch)
+        finally:
+            for taken_id, _ in claimed.taken:
+                self.held.finish(taken_id)
+
+    def work_on(self, batch: Batch) -> bool:
+        """Take and deliver one report of ``batch`` within the worker's budget of reports
+        at once (its thread count, as before batches); False if none was left."""
+        with self.sending:
+            job = batch.take()
+            if job is None:
+                return False
+            self.work(batch, job)
+            return True
+
+    def work(self, batch: Batch, job: _Job) -> None:
+        """One report of ``batch``, on whichever thread took it. A report that could not
+        be sent and recorded within its lease is released unsent (as one not reached on
+        shutdown): the lease, not the thread, decides when the sweep may send it again."""
+        try:
+            if self.stopping.is_set() or not batch.in_time(job, self._longest_path_s()):
+                self._conclude(job, Finish.RELEASE, job.claim.attempts, self._released(job))
+            else:
+                self._act(job)
+        except StoreError as exc:
+            log.warning("report.store_failed", ref=job.ref, error=str(exc))
+        except Exception:  # a defect: the report stays running under us; the sweep re-queues it
+            log.exception("report.failed", ref=job.ref)
+        finally:
+            if not job.concluded:
+                batch.abandon()
+
+    def _longest_path_s(self) -> float:
+        """A report's longest way from its claim to its outcome: the limiter's waits, then
+        both HTTP timeouts."""
+        s = self.settings
+        waits = s.ratelimit_max_inline_wait_s + MAX_ADMIT_WAIT_S
+        return waits + s.connect_timeout_s + s.read_timeout_s
+
+    def _settle(self, batch: Batch) -> None:
+        """Record the batch's outcomes: together once every report has one, or those that
+        have one every ``FLUSH_AFTER_S`` while some report is still on its way."""
+        while True:
+            outcomes, finished = batch.collect(FLUSH_AFTER_S)
+            if outcomes or finished:
+                self._record_all(outcomes, close=batch.messages if finished else [])
+            if finished:
+                return
+
+    def _record_all(self, outcomes: list[Concluded], close: list[str]) -> None:
+        records = [record for record, _ in outcomes]
+        try:
+            flags = self._store(lambda: self.ledger.finish_many(records, close), "finish")
+        except StoreError as exc:  # still running under us: the sweep re-queues them
+            for record in records:
+                log.warning("report.store_failed", ref=record.ref, error=str(exc))
+            for message_id in close:
+                self._done(message_id)
+            return
+        released = Counter(
+            record.message_id
+            for record, recorded in zip(records, flags, strict=True)
+            if recorded and record.outcome == Finish.RELEASE
         )
-        if isinstance(claim, str):
-            log.debug("report.skipped", task_id=task_id, account=account_name, state=claim)
-            return "skipped"
-        started = time.time()
-        ctx: dict[str, Any] = {
-            "task_id": task_id,
-            "captcha_type": claim.captcha_type,
-            "kind": claim.kind,
-            "account": account_name,
-            "queue_ms": max(0, round((started - claim.queued_at) * 1000)),
-        }
-        job = _Job(ref, message_id, claim, ctx, last)
+        for message_id, count in released.items():
+            log.info("message.handed_back", message_id=message_id, reports=count)
+        with logs.together():
+            for (_, then), recorded in zip(outcomes, flags, strict=True):
+                try:
+                    then(recorded)
+                except Exception:  # a defect in a log line must not lose the others'
+                    log.exception("report.announce_failed")
+
+    def _conclude(
+        self, job: _Job, outcome: Finish, attempts: int, then: Callable[[bool], None], **fields: Any
+    ) -> str:
+        """The report's outcome, recorded with its batch's (``then(recorded)`` after)."""
+        job.concluded = True
+        job.batch.conclude(Record(job.ref, job.message_id, outcome, attempts, **fields), then)
+        return str(outcome)
+
+    def _released(self, job: _Job) -> Callable[[bool], None]:
+        def then(recorded: bool) -> None:
+            log.debug("report.released", task_id=job.ctx["task_id"], account=job.ctx["account"])
+
+        return then
+
+    def _act(self, job: _Job) -> str:
+        """Guard → rate limit → POST → classify → conclude, for one claimed report."""
+        claim, ctx = job.claim, job.ctx
+        account = self.settings.accounts.get(ctx["account"])
         if account is None:
             return self._bury(
-                job, Reason.REJECTED, "UNKNOWN_ACCOUNT", f"no account {account_name!r}"
+                job, Reason.REJECTED, "UNKNOWN_ACCOUNT", f"no account {ctx['account']!r}"
             )
         try:
             ctype = self.settings.captcha_types.resolve(claim.captcha_type)
@@ -83,7 +206,13 @@ class ReportSteps:
         if claim.paused_until is not None:
             until = _iso(claim.paused_until)
             return self._bury(job, Reason.ACCOUNT_PAUSED, "", f"account paused until {until}")
-        if started >= claim.deadline:
+        paused_at = self._pauses.get(account.name)
+        if paused_at is not None and paused_at >= job.batch.claim_began:
+            # paused after this report's claim looked (an answer to another report of
+            # this worker): its "not paused" is stale
+            at = _iso(paused_at)
+            return self._bury(job, Reason.ACCOUNT_PAUSED, "", f"account paused at {at}")
+        if time.time() >= claim.deadline:
             return self._bury(job, Reason.EXPIRED, "", "deadline passed before it could be sent")
         client_key = self.client_keys.get(account.name)
         if client_key is None:
@@ -97,7 +226,7 @@ class ReportSteps:
         outcome = send_report(
             url,
             client_key,
-            task_id,
+            ctx["task_id"],
             connect_timeout_s=self.settings.connect_timeout_s,
             read_timeout_s=self.settings.read_timeout_s,
             error_codes=account.provider.error_codes,
@@ -117,15 +246,17 @@ class ReportSteps:
     def _wait_for_limiter(self, job: _Job, account: Account) -> float | str:
         """Hold the thread until the account's limiter admits this report (the seconds it
         waited, counted from when the report first asked), or defer the report to its
-        slot when that is further away (then: what became of it, "deferred" or "expired")."""
+        slot when that is further away (then: the outcome it has, as :meth:`_conclude`)."""
         claim = job.claim
         asked = claim.limiter_since or time.time()
         if claim.limiter == "go":  # planned and admitted in the claim's round trip
-            return 0.0
+            if time.time() - job.batch.claimed_at <= self.limiter.margin_s / 2:
+                return 0.0
+            # admitted a while ago (behind its message's other reports): the margin covers
+            # admission to arrival only, so this send needs an admission of its own
+            return self._admit(job, account, asked)
         if claim.limiter == "none":
-            return self._bury(
-                job, Reason.EXPIRED, "", "no rate-limit slot left before the deadline"
-            )
+            return self._bury(job, Reason.EXPIRED, "", NO_SLOT)
         if claim.limiter:
             slot_at = float(claim.limiter)
         elif claim.planned_slot is not None:
@@ -133,9 +264,7 @@ class ReportSteps:
         else:
             slot = self.limiter.plan(account, claim.deadline)
             if slot.wait_s is None:
-                return self._bury(
-                    job, Reason.EXPIRED, "", "no rate-limit slot left before the deadline"
-                )
+                return self._bury(job, Reason.EXPIRED, "", NO_SLOT)
             slot_at = slot.at
         ahead = slot_at - time.time()
         if ahead > self.limiter.max_inline_wait_s:
@@ -143,6 +272,9 @@ class ReportSteps:
             return self._defer(job, due=slot_at - DEFER_LEAD_S, slot=slot_at, since=asked)
         if ahead > 0:
             time.sleep(ahead)
+        return self._admit(job, account, asked)
+
+    def _admit(self, job: _Job, account: Account, asked: float) -> float | str:
         admitted, wait_s = self.limiter.admit(account, give_up_after_s=MAX_ADMIT_WAIT_S)
         if not admitted:  # the account is cooling down for a while: come back then
             return self._defer(job, due=time.time() + wait_s, slot=None, since=asked)
@@ -154,23 +286,20 @@ class ReportSteps:
             return self._bury(
                 job, Reason.EXPIRED, "", "the rate limit leaves no slot before the deadline"
             )
-        if self._store(
-            lambda: self.ledger.finish(
-                job.ref,
-                job.message_id,
-                Finish.DEFER,
-                attempts=job.claim.attempts,
-                due=due,
-                planned_slot=slot,
-                limiter_since=since,
-                done=job.last,
-            ),
-            "finish",
-        ):
-            log.debug("report.deferred", task_id=job.ctx["task_id"], account=job.ctx["account"],
-                      due_in_s=round(due - time.time(), 3))  # fmt: skip
-            return "deferred"
-        return self._superseded(job)
+
+        def then(recorded: bool) -> None:
+            if not recorded:
+                self._superseded(job)
+            else:
+                due_in_s = round(due - time.time(), 3)
+                ctx = job.ctx
+                log.debug("report.deferred", task_id=ctx["task_id"], account=ctx["account"],
+                          due_in_s=due_in_s)  # fmt: skip
+
+        return self._conclude(
+            job, Finish.DEFER, job.claim.attempts, then, due=due, planned_slot=slot,
+            limiter_since=since,
+        )  # fmt: skip
 
     def _record(
         self, job: _Job, account: Account, outcome: Outcome, step: Step, attempts: int
@@ -183,41 +312,26 @@ class ReportSteps:
                             error_code=outcome.error_code, cool_down_s=cooling)  # fmt: skip
         if step.action == "accepted":
             field = f"accepted|{ctx['kind']}||{ctx['account']}"
-            self._store(
-                lambda: self.ledger.finish(
-                    job.ref,
-                    job.message_id,
-                    Finish.ACCEPTED,
-                    attempts=attempts,
-                    stats_field=field,
-                    done=job.last,
-                ),
-                "finish",
-            )
-            self.announce("report.accepted", **ctx)
-            return "accepted"
+
+            def accepted(recorded: bool) -> None:
+                self.announce("report.accepted", **ctx)
+
+            return self._conclude(job, Finish.ACCEPTED, attempts, accepted, stats_field=field)
         if step.action == "retry":
             field = f"retrying|{ctx['kind']}|{outcome.error_code}|{ctx['account']}"
-            if self._store(
-                lambda: self.ledger.finish(
-                    job.ref,
-                    job.message_id,
-                    Finish.RETRY,
-                    attempts=attempts,
-                    stats_field=field,
-                    error_code=outcome.error_code,
-                    http_status=outcome.http_status,
-                    error=outcome.detail,
-                    due=step.due,
-                    done=job.last,
-                ),
-                "finish",
-            ):
-                self.announce(
-                    "report.retrying", **ctx, delay_s=round(step.delay_s, 2), error=outcome.detail
-                )
-                return "retrying"
-            return self._superseded(job)
+
+            def retrying(recorded: bool) -> None:
+                if not recorded:
+                    self._superseded(job)
+                else:
+                    delay = round(step.delay_s, 2)
+                    self.announce("report.retrying", **ctx, delay_s=delay, error=outcome.detail)
+
+            return self._conclude(
+                job, Finish.RETRY, attempts, retrying, stats_field=field,
+                error_code=outcome.error_code, http_status=outcome.http_status,
+                error=outcome.detail, due=step.due,
+            )  # fmt: skip
         if step.pause_account:
             self._pause(account, outcome)
         return self._bury(
@@ -239,30 +353,25 @@ class ReportSteps:
         attempts: int | None = None,
         http_status: int | None = None,
     ) -> str:
-        if self._store(
-            lambda: self.ledger.finish(
-                job.ref,
-                job.message_id,
-                Finish.DEAD,
-                attempts=job.claim.attempts if attempts is None else attempts,
-                error_code=error_code,
-                http_status=http_status,
-                error=error,
-                reason=reason,
-                done=job.last,
-            ),
-            "finish",
-        ):
-            job.ctx.setdefault("error_code", error_code or None)
-            self.announce("report.dead_lettered", **job.ctx, reason=reason, error=error)
-            return reason
-        return self._superseded(job)
+        def then(recorded: bool) -> None:
+            if not recorded:
+                self._superseded(job)
+            else:
+                job.ctx.setdefault("error_code", error_code or None)
+                self.announce("report.dead_lettered", **job.ctx, reason=reason, error=error)
 
-    def _superseded(self, job: _Job) -> str:
+        return self._conclude(
+            job, Finish.DEAD, job.claim.attempts if attempts is None else attempts, then,
+            error_code=error_code, http_status=http_status, error=error, reason=reason,
+        )  # fmt: skip
+
+    def _superseded(self, job: _Job) -> None:
         log.debug("report.superseded", task_id=job.ctx["task_id"], account=job.ctx["account"])
-        return "superseded"
 
     def _pause(self, account: Account, outcome: Outcome) -> None:
+        # whether this worker or another paused it first: reports claimed before now were
+        # told "not paused", and must not be sent (see _paused_since_claim)
+        self._pauses[account.name] = time.time()
         seconds = self.settings.account_pause_s
         reason = json.dumps({"error_code": outcome.error_code, "at": time.time()})
         if self._store(lambda: self.ledger.pause(account.name, seconds, reason), "pause"):
@@ -275,17 +384,155 @@ class ReportSteps:
             )
 
 
+Concluded = tuple[Record, Callable[[bool], None]]  # an outcome, and what follows its record
+
+
 class _Job:
-    __slots__ = ("claim", "ctx", "last", "message_id", "ref")
+    __slots__ = ("batch", "claim", "concluded", "ctx", "first", "message_id", "ref")
 
     def __init__(
-        self, ref: str, message_id: str, claim: Claim, ctx: dict[str, Any], last: bool
+        self, batch: Batch, message_id: str, ref: str, claim: Claim, *, first: bool
     ) -> None:
+        account, task_id = split_ref(ref)
+        self.batch = batch
         self.ref = ref
         self.message_id = message_id
         self.claim = claim
-        self.ctx = ctx
-        self.last = last  # the message's last report: its finish closes the message too
+        self.first = first  # the first report taken: sent whatever its lease
+        self.concluded = False
+        self.ctx: dict[str, Any] = {
+            "task_id": task_id,
+            "captcha_type": claim.captcha_type,
+            "kind": claim.kind,
+            "account": account,
+            "queue_ms": max(0, round((batch.claimed_at - claim.queued_at) * 1000)),
+        }
+
+
+class Batch:
+    """The reports claimed in one round trip (one message's, and any taken with it): taken
+    one at a time by the thread delivering the message and by idle crew threads; their
+    outcomes wait here to be recorded together."""
+
+    def __init__(self, claim_began: float, lease_until: float, claimed_at: float) -> None:
+        self.claim_began = claim_began
+        self.lease_until = lease_until
+        self.claimed_at = claimed_at
+        self.messages: list[str] = []  # closed by the last record
+        self.jobs: list[_Job] = []
+        self._next = 0
+        self._open = 0  # reports taken or not, without an outcome yet
+        self._outcomes: list[Concluded] = []
+        self._cond = threading.Condition(threading.Lock())
+
+    def add(self, message_id: str, answers: Iterable[tuple[str, Claim | str]]) -> None:
+        """A message and its claim answers; a report it may not act on is skipped."""
+        self.messages.append(message_id)
+        for ref, claim in answers:
+            if isinstance(claim, str):
+                account, task_id = split_ref(ref)
+                log.debug("report.skipped", task_id=task_id, account=account, state=claim)
+                continue
+            self.jobs.append(_Job(self, message_id, ref, claim, first=not self.jobs))
+            self._open += 1
+
+    def take(self) -> _Job | None:
+        """The next report no thread has taken, if any."""
+        with self._cond:
+            if self._next >= len(self.jobs):
+                return None
+            self._next += 1
+            return self.jobs[self._next - 1]
+
+    def in_time(self, job: _Job, longest_path_s: float) -> bool:
+        """Whether ``job``, started now, still has the lease a report claimed alone has:
+        room for its longest path, or — when the lease is shorter than that path (a
+        setting's choice) — a start within ``FRESH_S`` of the claim."""
+        now = time.time()
+        return (
+            job.first
+            or now + longest_path_s <= self.lease_until
+            or now - self.claimed_at <= FRESH_S
+        )
+
+    def conclude(self, record: Record, then: Callable[[bool], None]) -> None:
+        with self._cond:
+            self._outcomes.append((record, then))
+            self._open -= 1
+            if not self._open:
+                self._cond.notify_all()
+
+    def abandon(self) -> None:
+        """A report that ends without an outcome (left running for the sweep)."""
+        with self._cond:
+            self._open -= 1
+            if not self._open:
+                self._cond.notify_all()
+
+    def collect(self, timeout_s: float) -> tuple[list[Concluded], bool]:
+        """The outcomes so far, once every report has one or after ``timeout_s``; and
+        whether every report has one."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._open, timeout_s)
+            outcomes, self._outcomes = self._outcomes, []
+            return outcomes, not self._open
+
+
+class Crew:
+    """Threads beside Celery's that help send the reports of bulk messages: an idle one
+    takes the next report of the oldest message that still has one. Never the only
+    senders: the thread delivering a message sends its reports too, so a busy crew slows
+    no message below one report at a time."""
+
+    def __init__(self, size: int, work_on: Callable[[Batch], bool]) -> None:
+        self.size = size
+        self._work_on = work_on
+        self._batches: deque[Batch] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._threads: list[threading.Thread] = []
+        self._stopped = False
+
+    def share(self, batch: Batch) -> None:
+        with self._cond:
+            if self._stopped:
+                return
+            if not self._threads:
+                for n in range(self.size):
+                    thread = threading.Thread(target=self._run, name=f"crew-{n}", daemon=True)
+                    thread.start()
+                    self._threads.append(thread)
+            self._batches.append(batch)
+            self._cond.notify(len(batch.jobs) - 1)
+
+    def withdraw(self, batch: Batch) -> None:
+        """``batch`` has no report left to take."""
+        with self._cond:
+            if batch in self._batches:
+                self._batches.remove(batch)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._batches.clear()
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=60)
+        with self._cond:
+            self._threads = []
+            self._stopped = False  # a runtime started again gets a new crew
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._batches:
+                    if self._stopped:
+                        return
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                batch = self._batches[0]
+            if not self._work_on(batch):  # nothing left to take: drop it from the line
+                self.withdraw(batch)
 
 
 def _iso(epoch: float) -> str:

@@ -1,18 +1,21 @@
 """What a worker process does with each report, and the threads beside it (no Celery here).
 
-Per message: its reports one after another, then "done" (reports not reached — on
-shutdown — go to a new message at once). Per report: claim it in the ledger (skip it if this
-delivery may not act on it) → guard (known account and type, account not paused, deadline
-not passed) → wait for the rate limiter → POST → classify → record exactly one outcome
-(accepted, retry at a time, or dead letter with its reason) → one log line.
+Per message: its reports claimed in one round trip, sent side by side (the Celery thread
+and idle crew threads), their outcomes recorded in one more that also closes the message
+(reports not started — on shutdown — go to a new message at once). Per report: claim it
+in the ledger (skip it if this delivery may not act on it) → guard (known account and
+type, account not paused, deadline not passed) → wait for the rate limiter → POST →
+classify → record exactly one outcome (accepted, retry at a time, or dead letter with its
+reason) → one log line.
 
 No exit path loses a report: a store call that fails (Redis full or unreachable) is retried
 for a while and then left where the sweeper finds it; any other exception past the claim
 leaves the report ``running`` under this worker, which the sweeper re-queues when the
 worker's heartbeat stops or the lease runs out.
 
-Beside the Celery threads, two of ours: the heartbeat (every ``HEARTBEAT_S``: this worker
-is alive, these are the messages it holds, these are its rate limits) and the sweeper.
+Beside the Celery threads, ours: the crew (helpers sending a bulk message's reports), the
+heartbeat (every ``HEARTBEAT_S``: this worker is alive, these are the messages it holds,
+these are its rate limits) and the sweeper.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import redis
 
 from worker.delivery.background import Heartbeat, HeldMessages, Sweeper, announce_sweep_event
 from worker.delivery.ratelimit import Limiter
-from worker.delivery.report import MAX_ADMIT_WAIT_S, ReportSteps
+from worker.delivery.report import MAX_ADMIT_WAIT_S, Crew, ReportSteps
 from worker.delivery.retries import Policy
 from worker.errors import ConfigError, StoreError
 from worker.observability import events
@@ -67,6 +70,7 @@ class Runtime(ReportSteps):
         *,
         client: redis.Redis | None = None,
         metrics: Metrics | None = None,
+        concurrency: int | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
@@ -97,10 +101,16 @@ class Runtime(ReportSteps):
             margin_s=settings.ratelimit_margin_s,
             max_inline_wait_s=settings.ratelimit_max_inline_wait_s,
         )
+        self._limits = self.limiter.claim_limits(settings.accounts.values())
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.held = HeldMessages(HELD_LINGER_S)
         self.stopping = threading.Event()
         self.liveness = Liveness()  # marked by the consumer loop and the heartbeat
+        # as many helpers as Celery threads: a bulk message's reports go out side by side
+        threads = concurrency or settings.concurrency
+        self.sending = threading.BoundedSemaphore(threads)
+        self.crew = Crew(threads, self.work_on)
+        self._pauses = {}
         self._busy = 0
         self._busy_cond = threading.Condition()
         self._effective: dict[str, tuple[float, int, float]] = {}
@@ -154,6 +164,7 @@ class Runtime(ReportSteps):
             )
         with self._busy_cond:
             self._busy_cond.wait_for(lambda: self._busy == 0, timeout=timeout_s)
+        self.crew.stop()
         if self._sweeper is not None:
             self._sweeper.stop()
             self._sweeper = None
@@ -197,23 +208,20 @@ class Runtime(ReportSteps):
         self.held.add(message_id)
 
     def deliver(self, message_id: str, refs: Iterable[str]) -> None:
-        """Deliver the reports of one message, one after another. On shutdown, the report in
-        flight finishes and the ones not reached go back to the queue at once."""
+        """Deliver the reports of one message (:meth:`deliver_message`). On shutdown, the
+        reports in flight finish and the ones not started go back to the queue at once."""
         self.held.add(message_id)
         with self._busy_cond:
             self._busy += 1
-        refs = list(refs)
-        done_with_last = False  # the last report's finish also closed the message
         try:
-            for index, ref in enumerate(refs):
-                if self.stopping.is_set():
-                    break
-                last = index == len(refs) - 1
-                status = self._process_one(ref, message_id, last=last)
-                done_with_last = last and status not in (None, "skipped")
-        finally:
-            if not done_with_last:
+            if self.stopping.is_set():
                 self._done(message_id)
+            else:
+                self.deliver_message(message_id, list(refs))
+        except Exception:  # a defect: what it left running, the sweep re-queues
+            log.exception("message.failed", message_id=message_id)
+            self._done(message_id)
+        finally:
             self.held.finish(message_id)
             with self._busy_cond:
                 self._busy -= 1
@@ -227,16 +235,6 @@ class Runtime(ReportSteps):
         else:
             if handed:
                 log.info("message.handed_back", message_id=message_id, reports=handed)
-
-    def _process_one(self, ref: str, message_id: str, *, last: bool) -> str | None:
-        """What became of the report (as :meth:`process`), or None if it raised."""
-        try:
-            return self.process(ref, message_id, last=last)
-        except StoreError as exc:
-            log.warning("report.store_failed", ref=ref, error=str(exc))
-        except Exception:  # a defect: the report stays running under us; the sweep re-queues it
-            log.exception("report.failed", ref=ref)
-        return None
 
     def _unreplicated(self, what: str, replicas: int) -> None:
         """An outcome the replicas did not confirm in time: it stands on the primary, and

@@ -85,6 +85,33 @@ class Claim:
 
 
 @dataclass(frozen=True, slots=True)
+class Claimed:
+    """What :meth:`Ledger.claim_many` took: an answer per report asked for, in order, and
+    the messages taken off the lists, each with its (ref, answer) pairs."""
+
+    claims: list[Claim | str]
+    taken: list[tuple[str, list[tuple[str, Claim | str]]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One delivery's outcome, for :meth:`Ledger.finish_many` (fields as :meth:`Ledger.finish`)."""
+
+    ref: str
+    message_id: str
+    outcome: str  # a Finish
+    attempts: int
+    stats_field: str = ""
+    error_code: str = ""
+    http_status: int | None = None
+    error: str = ""
+    due: float = 0.0
+    reason: str = ""
+    planned_slot: float | None = None
+    limiter_since: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class SweepEvent:
     # requeued | lease_expired | worker_lost | orphaned | poison | worker_dead | resumed
     kind: str
@@ -124,6 +151,32 @@ def parse_flags(reply: Any) -> list[int]:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _claim(reply: Any) -> Claim | str:
+    """One report's answer of the claim script."""
+    if int(reply[0]) == 0:
+        return _text(reply[1]) or "gone"
+    f = [_text(v) for v in reply[1:]]
+    return Claim(
+        captcha_type=f[0],
+        kind=f[1],
+        enqueued_at=float(f[2]),
+        deadline=float(f[3]),
+        attempts=int(f[4] or 0),
+        deliveries=int(f[5] or 0),
+        queued_at=float(f[6] or f[2]),
+        paused_until=float(f[7]) if f[7] else None,
+        planned_slot=float(f[8].split("|")[0]) if f[8] else None,
+        limiter_since=float(f[8].split("|")[1]) if "|" in f[8] else None,
+        limiter=f[9],
+    )
+
+
+def _taken(entry: Any) -> tuple[str, list[tuple[str, Claim | str]]]:
+    """A message the claim script took off a list: its id, and (ref, answer) per report."""
+    pairs = zip(entry[1::2], entry[2::2], strict=True)
+    return _text(entry[0]), [(_text(ref), _claim(reply)) for ref, reply in pairs]
 
 
 def _now() -> str:
@@ -196,28 +249,43 @@ class Ledger:
         worker: str = "",
     ) -> Claim | str:
         """Take ``ref`` for this delivery; a string (its state) means: do not act on it.
-        With ``limiter`` (``Limiter.claim_args``) the account's rate limiter is asked in the
-        same round trip. ``worker`` (the claiming worker's id) lets the sweep re-queue the
-        report at once should that worker's heartbeat stop."""
+        With ``limiter`` (``Limiter.claim_args``: interval, amount, window) the account's
+        rate limiter is asked in the same round trip. ``worker`` (the claiming worker's
+        id) lets the sweep re-queue the report at once should that worker's heartbeat stop."""
+        limits = ""
+        if limiter:
+            limits = "\t".join(map(str, (ref.rpartition(":")[0], *limiter))) + "\n"
+        batch = self.claim_many([(message_id, ref)], lease_s, worker=worker, limits=limits)
+        return batch.claims[0]
+
+    def claim_many(
+        self,
+        rows: Sequence[tuple[str, str]],
+        lease_s: float,
+        *,
+        worker: str = "",
+        limits: str = "",
+        member_prefix: str = "",
+        room: int = 0,
+    ) -> Claimed:
+        """:meth:`claim` for each (message id, ref) in one round trip, each report on its
+        own, as if alone; the rate limiter is asked for the accounts in ``limits``
+        (``Limiter.claim_limits``). With ``room``, messages are taken off the queue's lists
+        too (urgent first) until there are that many reports in all, and theirs claimed."""
         now = time.time()
-        args = [self.keys.prefix, ref, message_id, now, now + lease_s, worker, *limiter]
-        reply = self._run(self._claim, args)
-        if int(reply[0]) == 0:
-            return _text(reply[1]) or "gone"
-        f = [_text(v) for v in reply[1:]]
-        return Claim(
-            captcha_type=f[0],
-            kind=f[1],
-            enqueued_at=float(f[2]),
-            deadline=float(f[3]),
-            attempts=int(f[4] or 0),
-            deliveries=int(f[5] or 0),
-            queued_at=float(f[6] or f[2]),
-            paused_until=float(f[7]) if f[7] else None,
-            planned_slot=float(f[8].split("|")[0]) if f[8] else None,
-            limiter_since=float(f[8].split("|")[1]) if "|" in f[8] else None,
-            limiter=f[9] if len(f) > 9 else "",
-        )
+        args: list[Any] = [
+            self.keys.prefix,
+            now,
+            now + lease_s,
+            worker,
+            limits,
+            member_prefix or f"{worker}-{now}",
+            room,
+        ]
+        for message_id, ref in rows:
+            args += (message_id, ref)
+        claims, taken = self._run(self._claim, args, [self.urgent_list, self.normal_list])
+        return Claimed([_claim(reply) for reply in claims], [_taken(entry) for entry in taken])
 
     def finish(
         self,
@@ -240,33 +308,57 @@ class Ledger:
         keeps its reserved ``planned_slot`` and costs no attempt) or ``dead`` (``reason``).
         ``done``: this was the message's last report, so the worker is done with the message
         too (as :meth:`done`, in the same round trip)."""
-        now = time.time()
-        arg = f"{due:.6f}" if outcome in (Finish.RETRY, Finish.DEFER) else reason
-        tail = ["done", self.urgent_template] if done else []
-        reply = self._run_finish(
-            [
-                self.keys.prefix,
-                ref,
-                message_id,
-                outcome,
-                f"{now:.6f}",
-                attempts,
-                error_code,
-                "" if http_status is None else http_status,
-                error[:500],
-                arg,
-                self.dedup_ttl_s,
-                self.dead_max_entries,
-                self._dead_min_id(now),
-                stats_field,
-                ""
-                if planned_slot is None
-                else f"{planned_slot:.6f}|{limiter_since if limiter_since else now:.6f}",
-                *tail,
-            ],
-            [self.urgent_list],
+        record = Record(
+            ref,
+            message_id,
+            outcome,
+            attempts,
+            stats_field=stats_field,
+            error_code=error_code,
+            http_status=http_status,
+            error=error,
+            due=due,
+            reason=reason,
+            planned_slot=planned_slot,
+            limiter_since=limiter_since,
         )
-        return bool(int(reply))
+        return self.finish_many([record], close=[message_id] if done else [])[0]
+
+    def finish_many(self, records: Sequence[Record], close: Sequence[str] = ()) -> list[bool]:
+        """:meth:`finish` for each record in one round trip, each recorded on its own; then
+        the worker is done with the messages in ``close`` (as :meth:`done`). One answer per
+        record, in order: recorded, or False if another delivery owns the report now."""
+        now = time.time()
+        stamp = f"{now:.6f}"
+        args: list[Any] = [
+            self.keys.prefix,
+            stamp,
+            self.dedup_ttl_s,
+            self.dead_max_entries,
+            self._dead_min_id(now),
+            self.urgent_template if close else "",
+            ",".join(close),
+        ]
+        for r in records:
+            timed = r.outcome in (Finish.RETRY, Finish.DEFER)
+            planned = (
+                ""
+                if r.planned_slot is None
+                else f"{r.planned_slot:.6f}|{r.limiter_since if r.limiter_since else now:.6f}"
+            )
+            args += (
+                r.message_id,
+                r.ref,
+                r.outcome,
+                r.attempts,
+                r.error_code,
+                "" if r.http_status is None else r.http_status,
+                r.error[:500],
+                f"{r.due:.6f}" if timed else r.reason,
+                r.stats_field,
+                planned,
+            )
+        return [bool(int(flag)) for flag in self._run_finish(args, [self.urgent_list])]
 
     def _run_finish(self, args: Sequence[Any], keys: Sequence[str]) -> Any:
         """The finish script, waiting briefly for replicas when ``acks`` asks for them."""

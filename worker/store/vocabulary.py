@@ -24,6 +24,9 @@ class Finish(StrEnum):
     RETRY = "retry"
     DEFER = "defer"
     DEAD = "dead"
+    # not sent (shutting down, or its lease too short to send it now): queued for its
+    # message again, which hands it to a new urgent message when the message is closed
+    RELEASE = "release"
 
 
 class Reason(StrEnum):

@@ -1,22 +1,24 @@
 -- requires: prelude
--- finish: record one delivery's outcome (docs/design.md §3.1); optionally close the message
---         (its last report: as done.lua, in the same round trip).
--- KEYS: 1 the urgent list (used only with "done": reports not reached are pushed there)
--- ARGV: 1 prefix, 2 ref, 3 message id, 4 outcome (accepted | retry | defer | dead), 5 now,
---       6 attempts, 7 error code, 8 http status, 9 error text, 10 due (retry, defer) or
---       reason (dead), 11 dedup ttl s, 12 dead-letter max entries, 13 dead-letter min id,
---       14 stats field ('' = none), 15 planned slot "slot|since" (defer) or '',
---       16 "done" or '', 17 urgent message template (with "done")
--- Reads fields: s, m, t, k, e, v, o; writes s (a | w) and n, lc, lh, le, ps; an accepted
+-- finish: record deliveries' outcomes (docs/design.md §3.1) — those of a bulk message's
+--         reports in one round trip, each recorded on its own, as if alone — and optionally
+--         close messages (as done.lua, in the same round trip).
+-- KEYS: 1 the urgent list (used only to close messages: reports not reached go there)
+-- ARGV: 1 prefix, 2 now, 3 dedup ttl s, 4 dead-letter max entries, 5 dead-letter min id,
+--       6 urgent message template, 7 the messages to close, comma-separated ('' = none),
+--       then ten per outcome: message id, ref, outcome (accepted | retry | defer | dead |
+--       release: not sent, queued for its message again, to be handed on when it closes),
+--       attempts, error code, http status, error text, due (retry, defer) or reason (dead),
+--       stats field ('' = none), planned slot "slot|since" (defer) or ''
+-- Reads fields: s, m, t, k, e, v, o; writes s (a | w | q) and n, lc, lh, le, ps; an accepted
 --       entry keeps only s and m, for dedup_ttl; a dead one is deleted (a stream entry)
--- Returns: 1 recorded, 0 another delivery owns the report now (nothing changed)
-local ref, id, outcome, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local attempts, code, http, err, arg = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
-local dedup_ttl, dead_maxlen, dead_minid, stats_field = ARGV[11], ARGV[12], ARGV[13], ARGV[14]
-local planned, done, template = ARGV[15], ARGV[16], ARGV[17]
+-- Returns: per outcome, in order: 1 recorded, 0 another delivery owns the report now
+--       (nothing changed)
+local now, dedup_ttl, dead_maxlen, dead_minid = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local template, closing = ARGV[6], ARGV[7]
+local rows = ARGV  -- read from 8 on, ten at a time (the header above)
 local urgent = KEYS[1]
 guard()
-local function record()
+local function record(id, ref, outcome, attempts, code, http, err, arg, stats_field, planned)
   local key = p .. ':r:' .. ref
   local f = redis.call('HMGET', key, 's', 'm', 't', 'k', 'e', 'v', 'o')
   if outcome == 'accepted' then
@@ -33,6 +35,13 @@ local function record()
     return 1
   end
   if f[1] ~= 'r' or f[2] ~= id then return 0 end
+  if outcome == 'release' then
+    if f[7] then redis.call('SREM', p .. ':running:' .. f[7], ref) end
+    redis.call('HSET', key, 's', 'q')
+    redis.call('HDEL', key, 'o')
+    redis.call('ZREM', p .. ':leases', ref)
+    return 1
+  end
   if outcome == 'retry' or outcome == 'defer' then
     if f[7] then redis.call('SREM', p .. ':running:' .. f[7], ref) end
     redis.call('HSET', key, 's', 'w', 'n', attempts)
@@ -52,11 +61,20 @@ local function record()
   bury(ref, {f[3], f[4], f[5], f[6]}, now, arg, attempts, code, http, err, dead_maxlen, dead_minid)
   return 1
 end
-local recorded = record()
-if done == 'done' then
-  -- the message's last report: the worker is done with the message (one round trip less)
+local out = {}
+for i = 8, #rows, 10 do
+  out[#out + 1] = record(rows[i], rows[i + 1], rows[i + 2], rows[i + 3], rows[i + 4],
+    rows[i + 5], rows[i + 6], rows[i + 7], rows[i + 8], rows[i + 9])
+end
+-- the worker is done with these messages (one round trip less): reports still queued for
+-- one (not reached) go to a new urgent message
+local compiled = nil
+for id in string.gmatch(closing, '[^,]+') do
   local refs = queued_refs(id)
-  if #refs > 0 then push(refs, now, 'u', urgent, compile(template)) end
+  if #refs > 0 then
+    compiled = compiled or compile(template)
+    push(refs, now, 'u', urgent, compiled)
+  end
   forget(id)
 end
-return recorded
+return out

@@ -1,0 +1,198 @@
+"""A message's reports as one batch (docs/design.md §3.4): claimed in one round trip, sent
+side by side, recorded in one, each report exactly as if alone; single-report messages
+taken several per Celery task. Real Redis, real Celery worker threads, the sandbox over
+HTTP."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import Counter
+from typing import Any
+
+import redis
+import structlog
+from celery.signals import task_prerun
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from worker.producer import Producer
+from worker.settings import Settings
+from worker.store.keys import Keys
+from worker.store.ledger import Claim, Ledger, Record
+from worker.store.messages import list_keys
+from worker.store.vocabulary import Finish
+from worker.testing.sandbox import Sandbox
+
+from ..redis_bytes import as_bytes, stream_entries
+from .conftest import running_worker, wait_until
+from .test_ledger import _pop
+
+_prefixes = itertools.count()
+
+
+def test_a_bulk_messages_reports_are_at_the_api_together(
+    settings: Settings, env: dict[str, str], sandbox: Sandbox, redis_client: redis.Redis
+) -> None:
+    """Behind a slow API, every report of a 5-report message reaches it before the first
+    could have been answered (one after another, the fifth would come four answers
+    later) — on a worker of 5 threads, its budget of reports at once; each then gets its
+    own outcome and its own log line."""
+    latency_s = 3.0  # under the test lease (5 s): one send per report
+    sandbox.set_latency(latency_s * 1000)
+    keys = Keys(settings.key_prefix)
+    with (
+        structlog.testing.capture_logs() as lines,
+        running_worker(settings, env, concurrency=5) as svc,
+    ):
+        assert svc.producer.enqueue_many([(n, "image") for n in range(1, 6)]).queued == 5
+        wait_until(lambda: sandbox.count() == 5, timeout=30)
+        states = [redis_client.hget(keys.report("default", n), "s") for n in range(1, 6)]
+        arrivals = [r.monotonic for r in sandbox.requests()]
+        wait_until(lambda: all(redis_client.hget(keys.report("default", n), "s") == b"a"
+                               for n in range(1, 6)), timeout=60)  # fmt: skip
+    assert states == [b"r"] * 5  # all five in flight, none answered yet
+    assert max(arrivals) - min(arrivals) < latency_s
+    accepted = Counter(x["task_id"] for x in lines if x["event"] == "report.accepted")
+    assert accepted == {n: 1 for n in range(1, 6)}
+
+
+def test_single_report_messages_are_taken_several_per_celery_task(
+    settings: Settings, env: dict[str, str], sandbox: Sandbox, redis_client: redis.Redis
+) -> None:
+    """A backlog of 60 single-report messages costs far fewer than 60 Celery tasks: a
+    task's claim takes more messages off the queue with its own. Every report is sent
+    once, every message is closed, nothing is left pending or running."""
+    tasks: list[str] = []
+
+    def count(task_id: str, **_: Any) -> None:
+        tasks.append(task_id)
+
+    producer = Producer(settings)
+    result = producer.enqueue_many([(n, "image") for n in range(1, 61)], per_message=1)
+    assert result.queued == 60
+    task_prerun.connect(count, weak=False)
+    try:
+        with running_worker(settings, env, concurrency=2):
+            wait_until(lambda: sandbox.count(success=True) >= 60, timeout=60)
+            keys = Keys(settings.key_prefix)
+            wait_until(lambda: int(redis_client.get(keys.npending) or 0) == 0, timeout=30)
+            wait_until(lambda: redis_client.hlen(keys.msgrefs) == 0, timeout=30)
+    finally:
+        task_prerun.disconnect(count)
+    assert Counter(r.task_id for r in sandbox.requests()) == {n: 1 for n in range(1, 61)}
+    assert 0 < len(tasks) <= 15, f"{len(tasks)} Celery tasks for 60 messages"
+    assert redis_client.zcard(keys.started) == 0
+    assert redis_client.zcard(keys.leases) == 0
+    assert sum(int(redis_client.llen(k)) for k in list_keys(settings.queue)) == 0
+    producer.client.close()
+
+
+def test_a_claim_takes_messages_urgent_first_and_leaves_a_foreign_one_for_kombu(
+    producer: Producer, redis_client: redis.Redis
+) -> None:
+    """Room to fill: messages come off the urgent list first, then the normal one, oldest
+    first, each with its reports claimed; an entry that is not one of ours goes back
+    where it was and ends the taking."""
+    ledger = producer.ledger
+    urgent, normal = list_keys("reports")
+    producer.enqueue_many([(n, "image") for n in (1, 2, 3)], per_message=1)
+    own_id, own_refs = _pop(redis_client)
+    redis_client.lpush(urgent, b'{"not": "ours"}')
+    taken = ledger.claim_many([(own_id, ref) for ref in own_refs], 30, room=20)
+    assert isinstance(taken.claims[0], Claim)
+    assert taken.taken == []  # the foreign entry, oldest in the urgent list, stopped it
+    assert redis_client.lrange(urgent, 0, -1) == [b'{"not": "ours"}']
+    redis_client.delete(urgent)
+    taken = ledger.claim_many([], 30, room=1)
+    assert [refs[0][0] for _, refs in taken.taken] == ["default:2"]  # room for one
+    assert isinstance(taken.taken[0][1][0][1], Claim)
+    producer.enqueue_many([(9, "image")], per_message=1)
+    redis_client.lpush(urgent, as_bytes(redis_client.lpop(normal)))  # report 9 made urgent
+    taken = ledger.claim_many([], 30, room=5)
+    assert [refs[0][0] for _, refs in taken.taken] == ["default:9", "default:3"]
+    assert int(redis_client.llen(normal)) == 0
+
+
+_text = st.one_of(
+    st.text(max_size=600),
+    st.binary(max_size=600).map(lambda b: b.decode("latin-1")),
+    st.sampled_from(["", "\t\n\x00", "a\tb\nc", "x" * 5000]),
+)
+_outcome = st.tuples(
+    st.sampled_from([Finish.ACCEPTED, Finish.RETRY, Finish.DEFER, Finish.DEAD, Finish.RELEASE]),
+    _text,  # error text
+    st.sampled_from(["", "ERROR_X", "ERROR_\t\n"]),  # error code
+    st.one_of(st.none(), st.integers(100, 599)),
+)
+
+
+@given(outcomes=st.lists(_outcome, min_size=1, max_size=20))
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_a_batch_records_each_outcome_exactly_as_if_recorded_alone(
+    producer: Producer, redis_client: redis.Redis, outcomes: list[tuple[Any, ...]]
+) -> None:
+    """One finish round trip for a message's outcomes (any mix; hostile error texts) leaves
+    Redis as one finish per report would: the same states, fields, schedules, dead
+    letters and counts — and reports released unsent in one new urgent message."""
+    n = next(_prefixes)
+    alone = _one_message(producer, redis_client, f"bt{n}a", len(outcomes))
+    batch = _one_message(producer, redis_client, f"bt{n}b", len(outcomes))
+    now = time.time()
+
+    def record(ledger: Ledger, message_id: str, ref: str, spec: tuple[Any, ...]) -> Record:
+        outcome, error, code, status = spec
+        return Record(ref, message_id, outcome, 1, error_code=code, http_status=status,
+                      error=error, due=now + 60, reason="rejected")  # fmt: skip
+
+    ledger, message_id, refs = alone
+    for i, (ref, spec) in enumerate(zip(refs, outcomes, strict=True)):
+        close = [message_id] if i == len(refs) - 1 else []
+        assert ledger.finish_many([record(ledger, message_id, ref, spec)], close) == [True]
+    ledger, message_id, refs = batch
+    records = [record(ledger, message_id, r, s) for r, s in zip(refs, outcomes, strict=True)]
+    assert ledger.finish_many(records, [message_id]) == [True] * len(refs)
+    assert _state(redis_client, alone[0]) == _state(redis_client, batch[0])
+
+
+def _one_message(
+    producer: Producer, client: redis.Redis, prefix: str, size: int
+) -> tuple[Ledger, str, list[str]]:
+    """A ledger of its own (prefix and queue), one message of ``size`` reports, claimed."""
+    ledger = Ledger(client, Keys(prefix), prefix)
+    rows = [producer.row(t, "image") for t in range(1, size + 1)]
+    assert ledger.enqueue(rows, per_message=size) == [1] * size
+    message_id, refs = _pop(client, prefix)
+    claimed = ledger.claim_many([(message_id, ref) for ref in refs], 30, worker="w")
+    assert all(isinstance(c, Claim) for c in claimed.claims)
+    return ledger, message_id, refs
+
+
+def _state(client: redis.Redis, ledger: Ledger) -> dict[str, Any]:
+    """What a finish leaves, without the times and names that differ between two runs."""
+    keys = ledger.keys
+    reports = {}
+    for key in client.scan_iter(f"{keys.prefix}:r:*"):
+        fields = {as_bytes(k): as_bytes(v) for k, v in client.hgetall(key).items()}
+        for moving in (b"e", b"q", b"d", b"m"):
+            fields.pop(moving, None)
+        reports[as_bytes(key).decode().split(":r:", 1)[1]] = fields
+    dead = [
+        {k: v for k, v in fields.items() if k not in (b"failed_at", b"enqueued_at")}
+        for _, fields in stream_entries(client, keys.dead)
+    ]
+    urgent, normal = list_keys(ledger.queue)
+    return {
+        "reports": reports,
+        "sched": [as_bytes(m) for m in client.zrange(keys.sched, 0, -1)],
+        "leases": [as_bytes(m) for m in client.zrange(keys.leases, 0, -1)],
+        "running": sorted(as_bytes(m) for m in client.smembers(f"{keys.prefix}:running:w")),
+        "npending": client.get(keys.npending),
+        "dead": dead,
+        "deadcount": client.hgetall(keys.deadcount),
+        "urgent": int(client.llen(urgent)),
+        "normal": int(client.llen(normal)),
+        "messages": client.hlen(keys.msgrefs),
+    }
