@@ -24,7 +24,7 @@ from worker.store.messages import list_keys
 from worker.store.vocabulary import Finish
 from worker.testing.sandbox import Sandbox
 
-from ..redis_bytes import as_bytes, stream_entries
+from ..redis_bytes import as_bytes, scored_members, stream_entries
 from .conftest import running_worker, wait_until
 from .test_ledger import _pop
 
@@ -196,3 +196,26 @@ def _state(client: redis.Redis, ledger: Ledger) -> dict[str, Any]:
         "normal": int(client.llen(normal)),
         "messages": client.hlen(keys.msgrefs),
     }
+
+
+def test_a_claim_holds_admissions_only_while_the_log_is_at_most_half_full(
+    producer: Producer, redis_client: redis.Redis, keys: Keys
+) -> None:
+    """An admission made in a batch's claim is "held" — logged hold seconds ahead, so it
+    covers a send until then and every later admission counts it — only while the
+    account's sliding log is at most half full; nearer the limit it is logged now
+    ("go"), and a full log gives no admission (docs/design.md §5)."""
+    producer.enqueue_many([(n, "image") for n in range(1, 8)], per_message=7)
+    message_id, refs = _pop(redis_client)
+    limits = "default\t0.000001\t4\t1.025\n"  # 4 per window, slots not spaced apart
+    before = float(redis_client.time()[0])
+    claimed = producer.ledger.claim_many(
+        [(message_id, ref) for ref in refs], 30, limits=limits, hold_s=2.0
+    )
+    answers = [c.limiter for c in claimed.claims if isinstance(c, Claim)]
+    assert answers[:4] == ["held", "held", "go", "go"]
+    assert all(float(a) >= before for a in answers[4:])  # full: a slot, to wait for
+    log = scored_members(redis_client, keys.ratelimit("default"))
+    stamps = sorted(score for _, score in log)
+    assert len(stamps) == 4
+    assert stamps[2] - stamps[0] >= 1.9  # the two held ones were logged 2 s ahead

@@ -40,9 +40,18 @@ FLUSH_AFTER_S = 1.0
 # A report of a batch started this soon after the claim is sent whatever its lease (one
 # claimed alone would be): later ones only with their longest path's time left on it.
 FRESH_S = 1.0
-# A message with fewer reports than this takes more messages off the queue in its claim's
-# round trip (docs/design.md §3.4): Celery's cost per task, paid once for several messages.
-TAKE_UP_TO = 20
+# An admission made by a batch's claim while the account is far from its limit is good
+# for a send this long after the claim (docs/design.md §5): the batch's later reports need
+# no admission round trip of their own.
+HOLD_S = 2.0
+# A batch fills up to this many reports: a message with fewer takes more messages off the
+# queue in its claim's round trip (docs/design.md §3.4) — Celery's and kombu's per-message
+# cost, paid once for several messages (three bulk ones, or sixty single ones) — as long
+# as one thread would send them all within BATCH_S at the pace of the API's answers, so
+# that behind a slow API a batch's last report does not wait long, nor its admission go
+# stale.
+TAKE_UP_TO = 60
+BATCH_S = 1.0
 
 
 class ReportSteps:
@@ -56,11 +65,11 @@ class ReportSteps:
     announce: Announcer
     worker_id: str
     crew: Crew
-    sending: threading.Semaphore  # the worker's threads: at most this many reports at once
     held: HeldMessages
     _pauses: dict[str, float]  # account → when this worker last saw it paused
     stopping: threading.Event
     _limits: str  # Limiter.claim_limits of the configured accounts
+    _pace_s: float  # how long the API takes to answer, smoothed
 
     def _store(self, call: Callable[[], T], what: str) -> T:  # pragma: no cover - Runtime's
         raise NotImplementedError
@@ -83,7 +92,8 @@ class ReportSteps:
                     worker=self.worker_id,
                     limits=self._limits,
                     member_prefix=self.limiter.member_prefix(),
-                    room=TAKE_UP_TO,
+                    room=self._room(),
+                    hold_s=HOLD_S,
                 ),
                 "claim",
             )
@@ -99,7 +109,7 @@ class ReportSteps:
         try:
             if len(batch.jobs) > 1:
                 self.crew.share(batch)
-            while self.work_on(batch):
+            while self.crew.work_on(batch):
                 pass
             self.crew.withdraw(batch)
             self._settle(batch)
@@ -107,15 +117,9 @@ class ReportSteps:
             for taken_id, _ in claimed.taken:
                 self.held.finish(taken_id)
 
-    def work_on(self, batch: Batch) -> bool:
-        """Take and deliver one report of ``batch`` within the worker's budget of reports
-        at once (its thread count, as before batches); False if none was left."""
-        with self.sending:
-            job = batch.take()
-            if job is None:
-                return False
-            self.work(batch, job)
-            return True
+    def _room(self) -> int:
+        """How many reports a batch fills up to (``TAKE_UP_TO``, fewer behind a slow API)."""
+        return max(1, min(TAKE_UP_TO, int(BATCH_S / max(self._pace_s, 1e-3))))
 
     def work(self, batch: Batch, job: _Job) -> None:
         """One report of ``batch``, on whichever thread took it. A report that could not
@@ -231,6 +235,8 @@ class ReportSteps:
             read_timeout_s=self.settings.read_timeout_s,
             error_codes=account.provider.error_codes,
         )
+        # the API's pace, smoothed (updates from several threads may interleave: harmless)
+        self._pace_s += (outcome.duration_s - self._pace_s) / 16
         attempts = claim.attempts + 1
         step = next_step(
             outcome, attempts=attempts, deadline=claim.deadline, now=time.time(), policy=self.policy
@@ -254,6 +260,10 @@ class ReportSteps:
                 return 0.0
             # admitted a while ago (behind its message's other reports): the margin covers
             # admission to arrival only, so this send needs an admission of its own
+            return self._admit(job, account, asked)
+        if claim.limiter == "held":  # admitted for a send within HOLD_S of the claim
+            if time.time() - job.batch.claim_began <= HOLD_S:
+                return 0.0
             return self._admit(job, account, asked)
         if claim.limiter == "none":
             return self._bury(job, Reason.EXPIRED, "", NO_SLOT)
@@ -479,21 +489,28 @@ class Batch:
 
 
 class Crew:
-    """Threads beside Celery's that help send the reports of bulk messages: an idle one
-    takes the next report of the oldest message that still has one. Never the only
-    senders: the thread delivering a message sends its reports too, so a busy crew slows
-    no message below one report at a time."""
+    """The worker's budget of reports at once (its thread count, as before batches) and
+    threads beside Celery's that help spend it: while a slot is free, an idle crew thread
+    takes the next report of the oldest batch that still has one. Never the only senders:
+    the thread delivering a batch sends its reports too, and gets the next free slot
+    before any crew thread does, so a busy crew slows no batch below one report at a
+    time, and a worker whose Celery threads fill every slot wakes no crew thread."""
 
-    def __init__(self, size: int, work_on: Callable[[Batch], bool]) -> None:
+    def __init__(self, size: int, work: Callable[[Batch, _Job], None]) -> None:
         self.size = size
-        self._work_on = work_on
+        self._work = work
+        self._free = size  # slots: reports that may be on their way now
+        self._callers = 0  # batch threads waiting for a slot
         self._batches: deque[Batch] = deque()
-        self._cond = threading.Condition(threading.Lock())
+        lock = threading.Lock()
+        self._slot_freed = threading.Condition(lock)  # batch threads wait here
+        self._work_ready = threading.Condition(lock)  # crew threads wait here
         self._threads: list[threading.Thread] = []
         self._stopped = False
 
     def share(self, batch: Batch) -> None:
-        with self._cond:
+        """``batch`` may be helped with (its own thread works on it too)."""
+        with self._work_ready:
             if self._stopped:
                 return
             if not self._threads:
@@ -502,37 +519,68 @@ class Crew:
                     thread.start()
                     self._threads.append(thread)
             self._batches.append(batch)
-            self._cond.notify(len(batch.jobs) - 1)
+            self._work_ready.notify(min(len(batch.jobs) - 1, self._free))
+
+    def work_on(self, batch: Batch) -> bool:
+        """On the batch's own thread: one report of ``batch`` in a slot (waiting for one);
+        False if none was left to take."""
+        with self._slot_freed:
+            self._callers += 1
+            while not self._free:
+                self._slot_freed.wait()
+            self._callers -= 1
+            self._free -= 1
+        try:
+            job = batch.take()
+            if job is None:
+                return False
+            self._work(batch, job)
+            return True
+        finally:
+            self._release()
 
     def withdraw(self, batch: Batch) -> None:
         """``batch`` has no report left to take."""
-        with self._cond:
+        with self._work_ready:
             if batch in self._batches:
                 self._batches.remove(batch)
 
     def stop(self) -> None:
-        with self._cond:
+        with self._work_ready:
             self._stopped = True
             self._batches.clear()
-            self._cond.notify_all()
+            self._work_ready.notify_all()
         for thread in self._threads:
             thread.join(timeout=60)
-        with self._cond:
+        with self._work_ready:
             self._threads = []
             self._stopped = False  # a runtime started again gets a new crew
 
+    def _release(self) -> None:
+        with self._slot_freed:
+            self._free += 1
+            if self._callers:
+                self._slot_freed.notify()
+            elif self._batches:
+                self._work_ready.notify()
+
     def _run(self) -> None:
         while True:
-            with self._cond:
-                while not self._batches:
-                    if self._stopped:
-                        return
-                    self._cond.wait()
+            with self._work_ready:
+                while not self._stopped and not (self._batches and self._free):
+                    self._work_ready.wait()
                 if self._stopped:
                     return
+                self._free -= 1
                 batch = self._batches[0]
-            if not self._work_on(batch):  # nothing left to take: drop it from the line
-                self.withdraw(batch)
+            try:
+                job = batch.take()
+                if job is None:  # nothing left to take: drop it from the line
+                    self.withdraw(batch)
+                else:
+                    self._work(batch, job)
+            finally:
+                self._release()
 
 
 def _iso(epoch: float) -> str:

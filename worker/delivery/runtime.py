@@ -106,11 +106,10 @@ class Runtime(ReportSteps):
         self.held = HeldMessages(HELD_LINGER_S)
         self.stopping = threading.Event()
         self.liveness = Liveness()  # marked by the consumer loop and the heartbeat
-        # as many helpers as Celery threads: a bulk message's reports go out side by side
-        threads = concurrency or settings.concurrency
-        self.sending = threading.BoundedSemaphore(threads)
-        self.crew = Crew(threads, self.work_on)
+        # as many helpers as Celery threads, and as many reports at once
+        self.crew = Crew(concurrency or settings.concurrency, self.work)
         self._pauses = {}
+        self._pace_s = 0.0
         self._busy = 0
         self._busy_cond = threading.Condition()
         self._effective: dict[str, tuple[float, int, float]] = {}

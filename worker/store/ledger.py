@@ -267,11 +267,13 @@ class Ledger:
         limits: str = "",
         member_prefix: str = "",
         room: int = 0,
+        hold_s: float = 0.0,
     ) -> Claimed:
         """:meth:`claim` for each (message id, ref) in one round trip, each report on its
         own, as if alone; the rate limiter is asked for the accounts in ``limits``
         (``Limiter.claim_limits``). With ``room``, messages are taken off the queue's lists
-        too (urgent first) until there are that many reports in all, and theirs claimed."""
+        too (urgent first) until there are that many reports in all, and theirs claimed.
+        With ``hold_s``, an admission may be "held": good for a send within that long."""
         now = time.time()
         args: list[Any] = [
             self.keys.prefix,
@@ -281,6 +283,7 @@ class Ledger:
             limits,
             member_prefix or f"{worker}-{now}",
             room,
+            hold_s,
         ]
         for message_id, ref in rows:
             args += (message_id, ref)

@@ -9,19 +9,22 @@
 -- ARGV: 1 prefix, 2 now, 3 lease until, 4 worker id ('' = none), 5 the rate limits: a line
 --       per account, tab-separated name, slot interval, limit N, window (period + margin);
 --       an account not there is not asked, 6 sliding-log member prefix, 7 take messages
---       off the lists until this many reports in all (0 = none), then two per report:
---       message id, ref (account:taskId)
+--       off the lists until this many reports in all (0 = none), 8 hold: seconds an
+--       admission may wait for its send while the account's log is at most half full
+--       (0 = none; see rl_admit), then two per report: message id, ref (account:taskId)
 -- Reads fields: s, m, t, k, e, d, n, v, q, ps; writes s=r, o; moves each message from
 --       {p}:msgs / {p}:umsgs to {p}:started; adds each ref to {p}:leases, {p}:running:{worker}
 -- Returns: {claims, taken}: claims has one answer per report, in order; taken one entry per
 --       message taken, {message id, ref, answer, ref, answer, ...}. An answer is {0, state}
 --       when this message may not act on the report; else {1, type, kind, enqueued at,
 --       deadline, attempts, deliveries, queued at, paused until, planned slot, limiter} with
---       limiter '' (not asked), 'go' (admitted now), 'none' (no slot before the deadline)
---       or the time of the reserved slot
+--       limiter '' (not asked), 'go' (admitted now, to be sent at once), 'held' (admitted
+--       for a send within hold seconds), 'none' (no slot before the deadline) or the time
+--       of the reserved slot
 local now, lease_until, worker = tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local packed_limits, member_prefix, room = ARGV[5], ARGV[6], tonumber(ARGV[7])
-local rows = ARGV  -- read from 8 on, two at a time (the header above)
+local hold = tonumber(ARGV[8])
+local rows = ARGV  -- read from 9 on, two at a time (the header above)
 guard()
 local limits = {}
 for acct, i, n, w in string.gmatch(packed_limits, '([^\t\n]*)\t([^\t]*)\t([^\t]*)\t([^\n]*)\n') do
@@ -57,17 +60,23 @@ local function claim(id, ref)
     admitted = admitted + 1
     if not slot then
       lim = 'none'
-    elseif slot <= rnow and rl_admit(p .. ':rl:' .. acct, cool, lim_amount, lim_window,
-        member_prefix .. '.' .. admitted, rnow) == 0 then
-      lim = 'go'
     else
-      lim = string.format('%.6f', slot)
+      local wait, held = 1, false
+      if slot <= rnow then
+        wait, held = rl_admit(p .. ':rl:' .. acct, cool, lim_amount, lim_window,
+          member_prefix .. '.' .. admitted, rnow, hold)
+      end
+      if wait ~= 0 then
+        lim = string.format('%.6f', slot)
+      else
+        lim = held and 'held' or 'go'
+      end
     end
   end
   return {1, f[3], f[4], f[5], f[6], f[7], f[8], f[9], paused or '', f[10] or '', lim}
 end
 local claims = {}
-for i = 8, #rows, 2 do claims[#claims + 1] = claim(rows[i], rows[i + 1]) end
+for i = 9, #rows, 2 do claims[#claims + 1] = claim(rows[i], rows[i + 1]) end
 local taken, count, foreign = {}, #claims, false
 for _, list in ipairs({KEYS[1], KEYS[2]}) do
   while count < room and not foreign do

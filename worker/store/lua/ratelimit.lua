@@ -28,15 +28,23 @@ local function rl_plan(plan_key, cool_key, interval, deadline, now)
     math.ceil((nxt - now) * 1000) + 60000)
   return slot
 end
--- admit one request now if the sliding log allows; returns 0, else the seconds to wait
-local function rl_admit(log_key, cool_key, limit, window, member, now)
+-- admit one request now if the sliding log allows; returns 0, else the seconds to wait.
+-- With hold > 0 and the log at most half full, the admission is held: logged at now + hold
+-- instead of now, it covers a send at any time in the next hold seconds (every admission
+-- counts every entry not older than its window, future ones too, so no window of the
+-- period ever sees more than the limit); the second answer says whether it was held.
+-- Near the limit the entry is logged at now, as always: holding there would halve the
+-- rate the limit allows.
+local function rl_admit(log_key, cool_key, limit, window, member, now, hold)
   local cool = tonumber(redis.call('GET', cool_key) or '0')
   if cool > now then return cool - now end
   redis.call('ZREMRANGEBYSCORE', log_key, '-inf', '(' .. string.format('%.6f', now - window))
-  if redis.call('ZCARD', log_key) < limit then
-    redis.call('ZADD', log_key, now, member)
-    redis.call('PEXPIRE', log_key, math.ceil(window * 1000) + 1000)
-    return 0
+  local count = redis.call('ZCARD', log_key)
+  if count < limit then
+    local ahead = (hold and hold > 0 and (count + 1) * 2 <= limit) and hold or 0
+    redis.call('ZADD', log_key, now + ahead, member)
+    redis.call('PEXPIRE', log_key, math.ceil((window + ahead) * 1000) + 1000)
+    return 0, ahead > 0
   end
   local oldest = redis.call('ZRANGE', log_key, 0, 0, 'WITHSCORES')
   return tonumber(oldest[2]) + window - now
