@@ -34,9 +34,6 @@ T = TypeVar("T")
 DEFER_LEAD_S = 0.5
 # Longest a thread waits for admission (a cool-down) before deferring the report instead.
 MAX_ADMIT_WAIT_S = 2.0
-# While some report of a message is still on its way, those with an outcome are recorded
-# this often instead of waiting for it.
-FLUSH_AFTER_S = 1.0
 # A report of a batch started this soon after the claim is sent whatever its lease (one
 # claimed alone would be): later ones only with their longest path's time left on it.
 FRESH_S = 1.0
@@ -44,6 +41,10 @@ FRESH_S = 1.0
 # for a send this long after the claim (docs/design.md §5): the batch's later reports need
 # no admission round trip of their own.
 HOLD_S = 2.0
+# Outcomes wait at most this long to be recorded with others (a killed worker sends again
+# what it had not recorded), or not at all once this many wait.
+RECORD_EVERY_S = 0.02
+RECORD_AT_ONCE = 64
 # A batch fills up to this many reports: a message with fewer takes more messages off the
 # queue in its claim's round trip (docs/design.md §3.4) — Celery's and kombu's per-message
 # cost, paid once for several messages (three bulk ones, or sixty single ones) — as long
@@ -65,6 +66,7 @@ class ReportSteps:
     announce: Announcer
     worker_id: str
     crew: Crew
+    recorder: Recorder
     held: HeldMessages
     _pauses: dict[str, float]  # account → when this worker last saw it paused
     stopping: threading.Event
@@ -107,12 +109,14 @@ class ReportSteps:
             self.held.add(taken_id)
             batch.add(taken_id, answers)
         try:
-            if len(batch.jobs) > 1:
+            if not batch.jobs:  # nothing to send: the messages are closed at once
+                self.recorder.add(None, batch)
+            elif len(batch.jobs) > 1:
                 self.crew.share(batch)
             while self.crew.work_on(batch):
                 pass
             self.crew.withdraw(batch)
-            self._settle(batch)
+            batch.closed.wait()
         finally:
             for taken_id, _ in claimed.taken:
                 self.held.finish(taken_id)
@@ -135,8 +139,8 @@ class ReportSteps:
         except Exception:  # a defect: the report stays running under us; the sweep re-queues it
             log.exception("report.failed", ref=job.ref)
         finally:
-            if not job.concluded:
-                batch.abandon()
+            if not job.concluded and batch.abandon():
+                self.recorder.add(None, batch)
 
     def _longest_path_s(self) -> float:
         """A report's longest way from its claim to its outcome: the limiter's waits, then
@@ -145,17 +149,9 @@ class ReportSteps:
         waits = s.ratelimit_max_inline_wait_s + MAX_ADMIT_WAIT_S
         return waits + s.connect_timeout_s + s.read_timeout_s
 
-    def _settle(self, batch: Batch) -> None:
-        """Record the batch's outcomes: together once every report has one, or those that
-        have one every ``FLUSH_AFTER_S`` while some report is still on its way."""
-        while True:
-            outcomes, finished = batch.collect(FLUSH_AFTER_S)
-            if outcomes or finished:
-                self._record_all(outcomes, close=batch.messages if finished else [])
-            if finished:
-                return
-
-    def _record_all(self, outcomes: list[Concluded], close: list[str]) -> None:
+    def record_all(self, outcomes: list[Concluded], close: list[str]) -> None:
+        """One finish round trip for ``outcomes`` (any batches'), closing ``close``; then
+        each outcome's log line and counters (:class:`Recorder`)."""
         records = [record for record, _ in outcomes]
         try:
             flags = self._store(lambda: self.ledger.finish_many(records, close), "finish")
@@ -184,7 +180,9 @@ class ReportSteps:
     ) -> str:
         """The report's outcome, recorded with its batch's (``then(recorded)`` after)."""
         job.concluded = True
-        job.batch.conclude(Record(job.ref, job.message_id, outcome, attempts, **fields), then)
+        record = Record(job.ref, job.message_id, outcome, attempts, **fields)
+        last = job.batch.conclude()
+        self.recorder.add((record, then), job.batch if last else None)
         return str(outcome)
 
     def _released(self, job: _Job) -> Callable[[bool], None]:
@@ -421,8 +419,7 @@ class _Job:
 
 class Batch:
     """The reports claimed in one round trip (one message's, and any taken with it): taken
-    one at a time by the thread delivering the message and by idle crew threads; their
-    outcomes wait here to be recorded together."""
+    one at a time by the thread delivering the message and by idle crew threads."""
 
     def __init__(self, claim_began: float, lease_until: float, claimed_at: float) -> None:
         self.claim_began = claim_began
@@ -432,8 +429,8 @@ class Batch:
         self.jobs: list[_Job] = []
         self._next = 0
         self._open = 0  # reports taken or not, without an outcome yet
-        self._outcomes: list[Concluded] = []
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self.closed = threading.Event()  # its outcomes are recorded, its messages closed
 
     def add(self, message_id: str, answers: Iterable[tuple[str, Claim | str]]) -> None:
         """A message and its claim answers; a report it may not act on is skipped."""
@@ -448,7 +445,7 @@ class Batch:
 
     def take(self) -> _Job | None:
         """The next report no thread has taken, if any."""
-        with self._cond:
+        with self._lock:
             if self._next >= len(self.jobs):
                 return None
             self._next += 1
@@ -465,27 +462,74 @@ class Batch:
             or now - self.claimed_at <= FRESH_S
         )
 
-    def conclude(self, record: Record, then: Callable[[bool], None]) -> None:
-        with self._cond:
-            self._outcomes.append((record, then))
+    def conclude(self) -> bool:
+        """A report has its outcome; True if it was the last one without."""
+        with self._lock:
             self._open -= 1
-            if not self._open:
-                self._cond.notify_all()
+            return not self._open
 
-    def abandon(self) -> None:
-        """A report that ends without an outcome (left running for the sweep)."""
-        with self._cond:
-            self._open -= 1
-            if not self._open:
-                self._cond.notify_all()
+    abandon = conclude  # a report that ends without an outcome (left running for the sweep)
 
-    def collect(self, timeout_s: float) -> tuple[list[Concluded], bool]:
-        """The outcomes so far, once every report has one or after ``timeout_s``; and
-        whether every report has one."""
+
+class Recorder:
+    """Outcomes recorded as they come, many per round trip (docs/design.md §3.4): a thread
+    of its own records every outcome of the worker waiting — whatever its batch — at most
+    ``RECORD_EVERY_S`` after the first of them, or at once when ``RECORD_AT_ONCE`` wait.
+    A worker killed sends again only what it had not recorded: about that long's worth.
+    A batch's messages are closed in the round trip that records its last outcome, or a
+    later one."""
+
+    def __init__(self, record_all: Callable[[list[Concluded], list[str]], None]) -> None:
+        self._record_all = record_all
+        self._cond = threading.Condition(threading.Lock())
+        self._outcomes: list[Concluded] = []
+        self._closing: list[Batch] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def add(self, outcome: Concluded | None, closing: Batch | None) -> None:
         with self._cond:
-            self._cond.wait_for(lambda: not self._open, timeout_s)
-            outcomes, self._outcomes = self._outcomes, []
-            return outcomes, not self._open
+            if outcome is not None:
+                self._outcomes.append(outcome)
+            if closing is not None:
+                self._closing.append(closing)
+            if self._thread is None:  # one recording thread at a time, so records keep order
+                self._stopping = False
+                self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
+                self._thread.start()
+            if len(self._outcomes) == 1 or len(self._outcomes) >= RECORD_AT_ONCE:
+                self._cond.notify()
+
+    def stop(self) -> None:
+        """Record what waits, then stop (a later :meth:`add` starts again)."""
+        with self._cond:
+            thread, self._stopping = self._thread, True
+            self._cond.notify()
+        if thread is not None:
+            thread.join(timeout=60)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._outcomes or self._closing or self._stopping):
+                    self._cond.wait()
+                if not self._stopping:
+                    self._cond.wait_for(
+                        lambda: len(self._outcomes) >= RECORD_AT_ONCE or self._stopping,
+                        RECORD_EVERY_S,
+                    )
+                outcomes, self._outcomes = self._outcomes, []
+                batches, self._closing = self._closing, []
+                if not outcomes and not batches:  # stopping, nothing left
+                    self._thread = None
+                    return
+            try:
+                self._record_all(outcomes, [m for batch in batches for m in batch.messages])
+            except Exception:  # a defect: the reports stay running, for the sweep
+                log.exception("report.record_failed")
+            finally:
+                for batch in batches:
+                    batch.closed.set()
 
 
 class Crew:

@@ -32,7 +32,7 @@ import redis
 
 from worker.delivery.background import Heartbeat, HeldMessages, Sweeper, announce_sweep_event
 from worker.delivery.ratelimit import Limiter
-from worker.delivery.report import MAX_ADMIT_WAIT_S, Crew, ReportSteps
+from worker.delivery.report import MAX_ADMIT_WAIT_S, Crew, Recorder, ReportSteps
 from worker.delivery.retries import Policy
 from worker.errors import ConfigError, StoreError
 from worker.observability import events
@@ -108,6 +108,7 @@ class Runtime(ReportSteps):
         self.liveness = Liveness()  # marked by the consumer loop and the heartbeat
         # as many helpers as Celery threads, and as many reports at once
         self.crew = Crew(concurrency or settings.concurrency, self.work)
+        self.recorder = Recorder(self.record_all)
         self._pauses = {}
         self._pace_s = 0.0
         self._busy = 0
@@ -164,6 +165,7 @@ class Runtime(ReportSteps):
         with self._busy_cond:
             self._busy_cond.wait_for(lambda: self._busy == 0, timeout=timeout_s)
         self.crew.stop()
+        self.recorder.stop()
         if self._sweeper is not None:
             self._sweeper.stop()
             self._sweeper = None
