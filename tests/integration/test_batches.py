@@ -219,3 +219,24 @@ def test_a_claim_holds_admissions_only_while_the_log_is_at_most_half_full(
     stamps = sorted(score for _, score in log)
     assert len(stamps) == 4
     assert stamps[2] - stamps[0] >= 1.9  # the two held ones were logged 2 s ahead
+
+
+def test_a_report_too_late_for_its_lease_goes_back_unsent_and_is_sent_once(
+    settings: Settings, env: dict[str, str], sandbox: Sandbox, redis_client: redis.Redis
+) -> None:
+    """One thread, a 1.5-s API and a 5-s lease (shorter than a report's longest path): a
+    batch's report that would start after the first second behind the others is not
+    sent on a lease the sweep could take back meanwhile — it is released and handed to a
+    new message, and every report reaches the API exactly once."""
+    sandbox.set_latency(1500)
+    keys = Keys(settings.key_prefix)
+    with (
+        structlog.testing.capture_logs() as lines,
+        running_worker(settings, env, concurrency=1) as svc,
+    ):
+        assert svc.producer.enqueue_many([(n, "image") for n in range(1, 4)]).queued == 3
+        wait_until(lambda: int(redis_client.get(keys.npending) or 0) == 0, timeout=60)
+    assert Counter(r.task_id for r in sandbox.requests()) == {1: 1, 2: 1, 3: 1}
+    released = [x["task_id"] for x in lines if x["event"] == "report.released"]
+    assert released, "no report was released"
+    assert any(x["event"] == "message.handed_back" for x in lines)

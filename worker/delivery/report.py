@@ -83,8 +83,9 @@ class ReportSteps:
         """Deliver the reports of one message — and, with room, of more messages taken off
         the queue in the same round trip (up to ``TAKE_UP_TO`` reports in all): claimed in
         one round trip, sent side by side (this thread and any idle crew thread), their
-        outcomes recorded together; the last round trip also closes the messages. Each
-        report keeps its own claim, lease, outcome and log line (docs/design.md §3.1)."""
+        outcomes recorded as they come, many per round trip (:class:`Recorder`), which
+        also closes the messages. Each report keeps its own claim, lease, outcome and log
+        line (docs/design.md §3.1, §3.4)."""
         began = time.time()
         try:
             claimed = self._store(

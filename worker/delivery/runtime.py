@@ -1,8 +1,9 @@
 """What a worker process does with each report, and the threads beside it (no Celery here).
 
 Per message: its reports claimed in one round trip, sent side by side (the Celery thread
-and idle crew threads), their outcomes recorded in one more that also closes the message
-(reports not started — on shutdown — go to a new message at once). Per report: claim it
+and idle crew threads), their outcomes recorded by the recorder thread with the worker's
+other outcomes, the last round trip closing the message (reports not started — on
+shutdown — go to a new message at once). Per report: claim it
 in the ledger (skip it if this delivery may not act on it) → guard (known account and
 type, account not paused, deadline not passed) → wait for the rate limiter → POST →
 classify → record exactly one outcome (accepted, retry at a time, or dead letter with its
@@ -14,8 +15,9 @@ leaves the report ``running`` under this worker, which the sweeper re-queues whe
 worker's heartbeat stops or the lease runs out.
 
 Beside the Celery threads, ours: the crew (helpers sending a bulk message's reports), the
-heartbeat (every ``HEARTBEAT_S``: this worker is alive, these are the messages it holds,
-these are its rate limits) and the sweeper.
+recorder (outcomes, many per round trip), the heartbeat (every ``HEARTBEAT_S``: this
+worker is alive, these are the messages it holds, these are its rate limits) and the
+sweeper.
 """
 
 from __future__ import annotations
