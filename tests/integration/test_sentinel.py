@@ -282,3 +282,24 @@ def test_the_intake_rides_through_a_failover_instead_of_answering_503(
     keys = Keys(settings.key_prefix)
     assert producer.client.exists(keys.report("default", 902)) == 1
     producer.client.close()
+
+
+def test_a_dropped_connection_reconnects_to_the_new_primary(cluster2: SentinelCluster) -> None:
+    """redis-py reconnects a dropped connection with the address it had: after a failover,
+    the dead primary's (an outcome write kept failing for 30 s so, while fresh connections
+    reached the new primary). Ours ask the Sentinels on every reconnect."""
+    from worker.store import connection as store
+
+    client = store.connect(cluster2.url)
+    conn = client.connection_pool.get_connection()
+    conn.send_command("PING")
+    assert conn.read_response() == b"PONG"
+    old = cluster2.primary()
+    old.kill()
+    new = cluster2.wait_for_new_primary(old.port, timeout_s=60)
+    conn.disconnect()
+    conn.send_command("PING")  # reconnects here, inside send_packed_command
+    assert conn.read_response() == b"PONG"
+    assert conn.port == new.port != old.port
+    client.connection_pool.release(conn)
+    client.close()

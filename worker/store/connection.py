@@ -159,6 +159,27 @@ def _sentinel_kwargs(target: SentinelTarget, timeout_s: float = 3.0) -> dict[str
     return kwargs
 
 
+class _FollowingConnection(redis.sentinel.SentinelManagedConnection):
+    """A connection to the primary that asks the Sentinels for it on every reconnect.
+
+    redis-py reconnects a dropped connection inside ``send_packed_command`` with the
+    address it had — after a failover, the dead primary's, for as long as the command's
+    retries last: a worker's outcome writes (a pipeline) kept failing for 30 s while its
+    claims, on fresh connections, reached the new primary (docs/design.md §8)."""
+
+    def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if not self._sock and self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+            retry_socket_connect = False  # the command's own retries ask the Sentinels again
+        super().connect_check_health(check_health, retry_socket_connect)
+
+
+class _FollowingSSLConnection(_FollowingConnection, redis.SSLConnection):
+    """:class:`_FollowingConnection` over TLS (``rediss`` in a Sentinel URL)."""
+
+
 def _data_kwargs(target: SentinelTarget) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"db": target.db}
     if target.password is not None:
@@ -218,8 +239,13 @@ def connect(url: str, *, retries: int = _RETRIES, retry_s: float | None = None) 
                 list(target.sentinels),
                 sentinel_kwargs=_sentinel_kwargs(target, min(connect_timeout, 3.0)),
             )
+            following = _FollowingSSLConnection if target.tls else _FollowingConnection
             client: redis.Redis = sentinel.master_for(
-                target.master_name, redis_class=redis.Redis, **_data_kwargs(target), **options
+                target.master_name,
+                redis_class=redis.Redis,
+                connection_class=following,
+                **_data_kwargs(target),
+                **options,
             )
             return client
         return redis.Redis.from_url(url, **options)
