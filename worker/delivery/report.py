@@ -34,8 +34,8 @@ T = TypeVar("T")
 DEFER_LEAD_S = 0.5
 # Longest a thread waits for admission (a cool-down) before deferring the report instead.
 MAX_ADMIT_WAIT_S = 2.0
-# A report of a batch started this soon after the claim is sent whatever its lease (one
-# claimed alone would be): later ones only with their longest path's time left on it.
+# A lease shorter than a report's longest path (a setting's choice) is used as a report
+# claimed alone would use it: a report of a batch starts only with all but this of it left.
 FRESH_S = 1.0
 # An admission made by a batch's claim while the account is far from its limit is good
 # for a send this long after the claim (docs/design.md §5): the batch's later reports need
@@ -131,7 +131,8 @@ class ReportSteps:
         be sent and recorded within its lease is released unsent (as one not reached on
         shutdown): the lease, not the thread, decides when the sweep may send it again."""
         try:
-            if self.stopping.is_set() or not batch.in_time(job, self._longest_path_s()):
+            in_time = batch.in_time(self._longest_path_s(), self.settings.lease_s)
+            if self.stopping.is_set() or not in_time:
                 self._conclude(job, Finish.RELEASE, job.claim.attempts, self._released(job))
             else:
                 self._act(job)
@@ -397,17 +398,14 @@ Concluded = tuple[Record, Callable[[bool], None]]  # an outcome, and what follow
 
 
 class _Job:
-    __slots__ = ("batch", "claim", "concluded", "ctx", "first", "message_id", "ref")
+    __slots__ = ("batch", "claim", "concluded", "ctx", "message_id", "ref")
 
-    def __init__(
-        self, batch: Batch, message_id: str, ref: str, claim: Claim, *, first: bool
-    ) -> None:
+    def __init__(self, batch: Batch, message_id: str, ref: str, claim: Claim) -> None:
         account, task_id = split_ref(ref)
         self.batch = batch
         self.ref = ref
         self.message_id = message_id
         self.claim = claim
-        self.first = first  # the first report taken: sent whatever its lease
         self.concluded = False
         self.ctx: dict[str, Any] = {
             "task_id": task_id,
@@ -441,7 +439,7 @@ class Batch:
                 account, task_id = split_ref(ref)
                 log.debug("report.skipped", task_id=task_id, account=account, state=claim)
                 continue
-            self.jobs.append(_Job(self, message_id, ref, claim, first=not self.jobs))
+            self.jobs.append(_Job(self, message_id, ref, claim))
             self._open += 1
 
     def take(self) -> _Job | None:
@@ -452,16 +450,15 @@ class Batch:
             self._next += 1
             return self.jobs[self._next - 1]
 
-    def in_time(self, job: _Job, longest_path_s: float) -> bool:
-        """Whether ``job``, started now, still has the lease a report claimed alone has:
+    def in_time(self, longest_path_s: float, lease_s: float) -> bool:
+        """Whether a report started now still has the lease a report claimed alone has:
         room for its longest path, or — when the lease is shorter than that path (a
-        setting's choice) — a start within ``FRESH_S`` of the claim."""
-        now = time.time()
-        return (
-            job.first
-            or now + longest_path_s <= self.lease_until
-            or now - self.claimed_at <= FRESH_S
-        )
+        setting's choice) — all but ``FRESH_S`` of it. Counted from before the claim was
+        sent: a claim that redis-py retried through a failover carries the time of its
+        first try, so its leases may be nearly over when it returns (its reports then go
+        back unsent instead of being sent while the sweep re-queues them)."""
+        left = self.lease_until - time.time()
+        return left >= min(longest_path_s, lease_s - FRESH_S)
 
     def conclude(self) -> bool:
         """A report has its outcome; True if it was the last one without."""
