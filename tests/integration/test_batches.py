@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 from worker.producer import Producer
 from worker.settings import Settings
 from worker.store.keys import Keys
-from worker.store.ledger import Claim, Ledger, Record
+from worker.store.ledger import Ledger
 from worker.store.messages import list_keys
+from worker.store.records import Claim, Record
 from worker.store.vocabulary import Finish
 from worker.testing.sandbox import Sandbox
 

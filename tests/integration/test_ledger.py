@@ -11,8 +11,9 @@ import redis
 from worker.errors import StoreFullError
 from worker.producer import Producer
 from worker.store.keys import UNACKED, Keys
-from worker.store.ledger import Claim, Ledger, enqueue_args
+from worker.store.ledger import Ledger, enqueue_args
 from worker.store.messages import list_keys, template
+from worker.store.records import Claim
 from worker.store.replication import ReplicaAcks
 
 from ..redis_bytes import stream_entries

@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from worker.delivery.background import HeldMessages
+from worker.delivery.batch import Batch, Concluded, Crew, Job, Recorder
 from worker.delivery.ratelimit import Limiter
 from worker.delivery.retries import Policy, Step, next_step
 from worker.delivery.upstream import Outcome, send_report
@@ -20,8 +21,8 @@ from worker.observability import logs
 from worker.observability.events import Announcer
 from worker.observability.logs import get_logger
 from worker.settings import Account, Settings
-from worker.store.keys import split_ref
-from worker.store.ledger import Claim, Ledger, Record
+from worker.store.ledger import Ledger
+from worker.store.records import Record
 from worker.store.vocabulary import Finish, Reason
 
 log = get_logger("worker.runtime")
@@ -34,17 +35,10 @@ T = TypeVar("T")
 DEFER_LEAD_S = 0.5
 # Longest a thread waits for admission (a cool-down) before deferring the report instead.
 MAX_ADMIT_WAIT_S = 2.0
-# A lease shorter than a report's longest path (a setting's choice) is used as a report
-# claimed alone would use it: a report of a batch starts only with all but this of it left.
-FRESH_S = 1.0
 # An admission made by a batch's claim while the account is far from its limit is good
 # for a send this long after the claim (docs/design.md §5): the batch's later reports need
 # no admission round trip of their own.
 HOLD_S = 2.0
-# Outcomes wait at most this long to be recorded with others (a killed worker sends again
-# what it had not recorded), or not at all once this many wait.
-RECORD_EVERY_S = 0.02
-RECORD_AT_ONCE = 64
 # A batch fills up to this many reports: a message with fewer takes more messages off the
 # queue in its claim's round trip (docs/design.md §3.4) — Celery's and kombu's per-message
 # cost, paid once for several messages (three bulk ones, or sixty single ones) — as long
@@ -126,7 +120,7 @@ class ReportSteps:
         """How many reports a batch fills up to (``TAKE_UP_TO``, fewer behind a slow API)."""
         return max(1, min(TAKE_UP_TO, int(BATCH_S / max(self._pace_s, 1e-3))))
 
-    def work(self, batch: Batch, job: _Job) -> None:
+    def work(self, batch: Batch, job: Job) -> None:
         """One report of ``batch``, on whichever thread took it. A report that could not
         be sent and recorded within its lease is released unsent (as one not reached on
         shutdown): the lease, not the thread, decides when the sweep may send it again."""
@@ -178,7 +172,7 @@ class ReportSteps:
                     log.exception("report.announce_failed")
 
     def _conclude(
-        self, job: _Job, outcome: Finish, attempts: int, then: Callable[[bool], None], **fields: Any
+        self, job: Job, outcome: Finish, attempts: int, then: Callable[[bool], None], **fields: Any
     ) -> str:
         """The report's outcome, recorded with its batch's (``then(recorded)`` after)."""
         job.concluded = True
@@ -187,13 +181,13 @@ class ReportSteps:
         self.recorder.add((record, then), job.batch if last else None)
         return str(outcome)
 
-    def _released(self, job: _Job) -> Callable[[bool], None]:
+    def _released(self, job: Job) -> Callable[[bool], None]:
         def then(recorded: bool) -> None:
             log.debug("report.released", task_id=job.ctx["task_id"], account=job.ctx["account"])
 
         return then
 
-    def _act(self, job: _Job) -> str:
+    def _act(self, job: Job) -> str:
         """Guard → rate limit → POST → classify → conclude, for one claimed report."""
         claim, ctx = job.claim, job.ctx
         account = self.settings.accounts.get(ctx["account"])
@@ -249,7 +243,7 @@ class ReportSteps:
         )
         return self._record(job, account, outcome, step, attempts)
 
-    def _wait_for_limiter(self, job: _Job, account: Account) -> float | str:
+    def _wait_for_limiter(self, job: Job, account: Account) -> float | str:
         """Hold the thread until the account's limiter admits this report (the seconds it
         waited, counted from when the report first asked), or defer the report to its
         slot when that is further away (then: the outcome it has, as :meth:`_conclude`)."""
@@ -284,13 +278,13 @@ class ReportSteps:
             time.sleep(ahead)
         return self._admit(job, account, asked)
 
-    def _admit(self, job: _Job, account: Account, asked: float) -> float | str:
+    def _admit(self, job: Job, account: Account, asked: float) -> float | str:
         admitted, wait_s = self.limiter.admit(account, give_up_after_s=MAX_ADMIT_WAIT_S)
         if not admitted:  # the account is cooling down for a while: come back then
             return self._defer(job, due=time.time() + wait_s, slot=None, since=asked)
         return time.time() - asked
 
-    def _defer(self, job: _Job, *, due: float, slot: float | None, since: float) -> str:
+    def _defer(self, job: Job, *, due: float, slot: float | None, since: float) -> str:
         """Out of this worker until ``due`` (no attempt spent); keeps its reserved slot."""
         if job.claim.deadline <= due:
             return self._bury(
@@ -312,7 +306,7 @@ class ReportSteps:
         )  # fmt: skip
 
     def _record(
-        self, job: _Job, account: Account, outcome: Outcome, step: Step, attempts: int
+        self, job: Job, account: Account, outcome: Outcome, step: Step, attempts: int
     ) -> str:
         ctx = job.ctx
         if outcome.http_status == 429 or outcome.error_code == "ERROR_TOO_MUCH_REQUESTS":
@@ -355,7 +349,7 @@ class ReportSteps:
 
     def _bury(
         self,
-        job: _Job,
+        job: Job,
         reason: str,
         error_code: str,
         error: str,
@@ -375,7 +369,7 @@ class ReportSteps:
             error_code=error_code, http_status=http_status, error=error, reason=reason,
         )  # fmt: skip
 
-    def _superseded(self, job: _Job) -> None:
+    def _superseded(self, job: Job) -> None:
         log.debug("report.superseded", task_id=job.ctx["task_id"], account=job.ctx["account"])
 
     def _pause(self, account: Account, outcome: Outcome) -> None:
@@ -392,237 +386,6 @@ class ReportSteps:
                 pause_s=seconds,
                 until=_iso(time.time() + seconds),
             )
-
-
-Concluded = tuple[Record, Callable[[bool], None]]  # an outcome, and what follows its record
-
-
-class _Job:
-    __slots__ = ("batch", "claim", "concluded", "ctx", "message_id", "ref")
-
-    def __init__(self, batch: Batch, message_id: str, ref: str, claim: Claim) -> None:
-        account, task_id = split_ref(ref)
-        self.batch = batch
-        self.ref = ref
-        self.message_id = message_id
-        self.claim = claim
-        self.concluded = False
-        self.ctx: dict[str, Any] = {
-            "task_id": task_id,
-            "captcha_type": claim.captcha_type,
-            "kind": claim.kind,
-            "account": account,
-            "queue_ms": max(0, round((batch.claimed_at - claim.queued_at) * 1000)),
-        }
-
-
-class Batch:
-    """The reports claimed in one round trip (one message's, and any taken with it): taken
-    one at a time by the thread delivering the message and by idle crew threads."""
-
-    def __init__(self, claim_began: float, lease_until: float, claimed_at: float) -> None:
-        self.claim_began = claim_began
-        self.lease_until = lease_until
-        self.claimed_at = claimed_at
-        self.messages: list[str] = []  # closed by the last record
-        self.jobs: list[_Job] = []
-        self._next = 0
-        self._open = 0  # reports taken or not, without an outcome yet
-        self._lock = threading.Lock()
-        self.closed = threading.Event()  # its outcomes are recorded, its messages closed
-
-    def add(self, message_id: str, answers: Iterable[tuple[str, Claim | str]]) -> None:
-        """A message and its claim answers; a report it may not act on is skipped."""
-        self.messages.append(message_id)
-        for ref, claim in answers:
-            if isinstance(claim, str):
-                account, task_id = split_ref(ref)
-                log.debug("report.skipped", task_id=task_id, account=account, state=claim)
-                continue
-            self.jobs.append(_Job(self, message_id, ref, claim))
-            self._open += 1
-
-    def take(self) -> _Job | None:
-        """The next report no thread has taken, if any."""
-        with self._lock:
-            if self._next >= len(self.jobs):
-                return None
-            self._next += 1
-            return self.jobs[self._next - 1]
-
-    def in_time(self, longest_path_s: float, lease_s: float) -> bool:
-        """Whether a report started now still has the lease a report claimed alone has:
-        room for its longest path, or — when the lease is shorter than that path (a
-        setting's choice) — all but ``FRESH_S`` of it. Counted from before the claim was
-        sent: a claim that redis-py retried through a failover carries the time of its
-        first try, so its leases may be nearly over when it returns (its reports then go
-        back unsent instead of being sent while the sweep re-queues them)."""
-        left = self.lease_until - time.time()
-        return left >= min(longest_path_s, lease_s - FRESH_S)
-
-    def conclude(self) -> bool:
-        """A report has its outcome; True if it was the last one without."""
-        with self._lock:
-            self._open -= 1
-            return not self._open
-
-    abandon = conclude  # a report that ends without an outcome (left running for the sweep)
-
-
-class Recorder:
-    """Outcomes recorded as they come, many per round trip (docs/design.md §3.4): a thread
-    of its own records every outcome of the worker waiting — whatever its batch — at most
-    ``RECORD_EVERY_S`` after the first of them, or at once when ``RECORD_AT_ONCE`` wait.
-    A worker killed sends again only what it had not recorded: about that long's worth.
-    A batch's messages are closed in the round trip that records its last outcome, or a
-    later one."""
-
-    def __init__(self, record_all: Callable[[list[Concluded], list[str]], None]) -> None:
-        self._record_all = record_all
-        self._cond = threading.Condition(threading.Lock())
-        self._outcomes: list[Concluded] = []
-        self._closing: list[Batch] = []
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-
-    def add(self, outcome: Concluded | None, closing: Batch | None) -> None:
-        with self._cond:
-            if outcome is not None:
-                self._outcomes.append(outcome)
-            if closing is not None:
-                self._closing.append(closing)
-            if self._thread is None:  # one recording thread at a time, so records keep order
-                self._stopping = False
-                self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
-                self._thread.start()
-            if len(self._outcomes) == 1 or len(self._outcomes) >= RECORD_AT_ONCE:
-                self._cond.notify()
-
-    def stop(self) -> None:
-        """Record what waits, then stop (a later :meth:`add` starts again)."""
-        with self._cond:
-            thread, self._stopping = self._thread, True
-            self._cond.notify()
-        if thread is not None:
-            thread.join(timeout=60)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not (self._outcomes or self._closing or self._stopping):
-                    self._cond.wait()
-                if not self._stopping:
-                    self._cond.wait_for(
-                        lambda: len(self._outcomes) >= RECORD_AT_ONCE or self._stopping,
-                        RECORD_EVERY_S,
-                    )
-                outcomes, self._outcomes = self._outcomes, []
-                batches, self._closing = self._closing, []
-                if not outcomes and not batches:  # stopping, nothing left
-                    self._thread = None
-                    return
-            try:
-                self._record_all(outcomes, [m for batch in batches for m in batch.messages])
-            except Exception:  # a defect: the reports stay running, for the sweep
-                log.exception("report.record_failed")
-            finally:
-                for batch in batches:
-                    batch.closed.set()
-
-
-class Crew:
-    """The worker's budget of reports at once (its thread count, as before batches) and
-    threads beside Celery's that help spend it: while a slot is free, an idle crew thread
-    takes the next report of the oldest batch that still has one. Never the only senders:
-    the thread delivering a batch sends its reports too, and gets the next free slot
-    before any crew thread does, so a busy crew slows no batch below one report at a
-    time, and a worker whose Celery threads fill every slot wakes no crew thread."""
-
-    def __init__(self, size: int, work: Callable[[Batch, _Job], None]) -> None:
-        self.size = size
-        self._work = work
-        self._free = size  # slots: reports that may be on their way now
-        self._callers = 0  # batch threads waiting for a slot
-        self._batches: deque[Batch] = deque()
-        lock = threading.Lock()
-        self._slot_freed = threading.Condition(lock)  # batch threads wait here
-        self._work_ready = threading.Condition(lock)  # crew threads wait here
-        self._threads: list[threading.Thread] = []
-        self._stopped = False
-
-    def share(self, batch: Batch) -> None:
-        """``batch`` may be helped with (its own thread works on it too)."""
-        with self._work_ready:
-            if self._stopped:
-                return
-            if not self._threads:
-                for n in range(self.size):
-                    thread = threading.Thread(target=self._run, name=f"crew-{n}", daemon=True)
-                    thread.start()
-                    self._threads.append(thread)
-            self._batches.append(batch)
-            self._work_ready.notify(min(len(batch.jobs) - 1, self._free))
-
-    def work_on(self, batch: Batch) -> bool:
-        """On the batch's own thread: one report of ``batch`` in a slot (waiting for one);
-        False if none was left to take."""
-        with self._slot_freed:
-            self._callers += 1
-            while not self._free:
-                self._slot_freed.wait()
-            self._callers -= 1
-            self._free -= 1
-        try:
-            job = batch.take()
-            if job is None:
-                return False
-            self._work(batch, job)
-            return True
-        finally:
-            self._release()
-
-    def withdraw(self, batch: Batch) -> None:
-        """``batch`` has no report left to take."""
-        with self._work_ready:
-            if batch in self._batches:
-                self._batches.remove(batch)
-
-    def stop(self) -> None:
-        with self._work_ready:
-            self._stopped = True
-            self._batches.clear()
-            self._work_ready.notify_all()
-        for thread in self._threads:
-            thread.join(timeout=60)
-        with self._work_ready:
-            self._threads = []
-            self._stopped = False  # a runtime started again gets a new crew
-
-    def _release(self) -> None:
-        with self._slot_freed:
-            self._free += 1
-            if self._callers:
-                self._slot_freed.notify()
-            elif self._batches:
-                self._work_ready.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._work_ready:
-                while not self._stopped and not (self._batches and self._free):
-                    self._work_ready.wait()
-                if self._stopped:
-                    return
-                self._free -= 1
-                batch = self._batches[0]
-            try:
-                job = batch.take()
-                if job is None:  # nothing left to take: drop it from the line
-                    self.withdraw(batch)
-                else:
-                    self._work(batch, job)
-            finally:
-                self._release()
 
 
 def _iso(epoch: float) -> str:

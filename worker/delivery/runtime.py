@@ -33,8 +33,9 @@ from typing import TypeVar
 import redis
 
 from worker.delivery.background import Heartbeat, HeldMessages, Sweeper, announce_sweep_event
+from worker.delivery.batch import Crew, Recorder
 from worker.delivery.ratelimit import Limiter
-from worker.delivery.report import MAX_ADMIT_WAIT_S, Crew, Recorder, ReportSteps
+from worker.delivery.report import MAX_ADMIT_WAIT_S, ReportSteps
 from worker.delivery.retries import Policy
 from worker.errors import ConfigError, StoreError
 from worker.observability import events

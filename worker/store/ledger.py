@@ -52,6 +52,7 @@ import redis
 from worker.store import calls as guarded
 from worker.store import messages, replication, scripts
 from worker.store.keys import UNACKED, UNACKED_INDEX, Keys
+from worker.store.records import Claim, Claimed, Record, as_text, parse_claim, parse_taken
 from worker.store.vocabulary import Finish
 
 # An enqueue call's token outlives the caller's retries by this much (``enqueue_args``).
@@ -63,52 +64,6 @@ HEARTBEAT_S = 1.0
 WORKER_TIMEOUT_S = 5.0
 
 ENQUEUE_SCRIPT = scripts.source("enqueue")  # also run by the intake's async client
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """What a worker learns when it claims a report for one delivery."""
-
-    captcha_type: str
-    kind: str
-    enqueued_at: float
-    deadline: float
-    attempts: int
-    deliveries: int
-    queued_at: float
-    paused_until: float | None
-    planned_slot: float | None  # a rate-limit slot reserved before the report was deferred
-    limiter_since: float | None  # when the report first asked the limiter for that slot
-    # the limiter's answer in the claim: "" not asked, "go" admitted now, "none" no slot
-    # before the deadline, else the time of the slot reserved for it
-    limiter: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Claimed:
-    """What :meth:`Ledger.claim_many` took: an answer per report asked for, in order, and
-    the messages taken off the lists, each with its (ref, answer) pairs."""
-
-    claims: list[Claim | str]
-    taken: list[tuple[str, list[tuple[str, Claim | str]]]]
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One delivery's outcome, for :meth:`Ledger.finish_many` (fields as :meth:`Ledger.finish`)."""
-
-    ref: str
-    message_id: str
-    outcome: str  # a Finish
-    attempts: int
-    stats_field: str = ""
-    error_code: str = ""
-    http_status: int | None = None
-    error: str = ""
-    due: float = 0.0
-    reason: str = ""
-    planned_slot: float | None = None
-    limiter_since: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,36 +102,6 @@ def parse_flags(reply: Any) -> list[int]:
     """The enqueue script's answer: 1 queued, 0 duplicate, per report."""
     text = reply if isinstance(reply, bytes) else str(reply).encode()
     return [1 if c == 49 else 0 for c in text]
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _claim(reply: Any) -> Claim | str:
-    """One report's answer of the claim script."""
-    if int(reply[0]) == 0:
-        return _text(reply[1]) or "gone"
-    f = [_text(v) for v in reply[1:]]
-    return Claim(
-        captcha_type=f[0],
-        kind=f[1],
-        enqueued_at=float(f[2]),
-        deadline=float(f[3]),
-        attempts=int(f[4] or 0),
-        deliveries=int(f[5] or 0),
-        queued_at=float(f[6] or f[2]),
-        paused_until=float(f[7]) if f[7] else None,
-        planned_slot=float(f[8].split("|")[0]) if f[8] else None,
-        limiter_since=float(f[8].split("|")[1]) if "|" in f[8] else None,
-        limiter=f[9],
-    )
-
-
-def _taken(entry: Any) -> tuple[str, list[tuple[str, Claim | str]]]:
-    """A message the claim script took off a list: its id, and (ref, answer) per report."""
-    pairs = zip(entry[1::2], entry[2::2], strict=True)
-    return _text(entry[0]), [(_text(ref), _claim(reply)) for ref, reply in pairs]
 
 
 def _now() -> str:
@@ -288,7 +213,7 @@ class Ledger:
         for message_id, ref in rows:
             args += (message_id, ref)
         claims, taken = self._run(self._claim, args, [self.urgent_list, self.normal_list])
-        return Claimed([_claim(reply) for reply in claims], [_taken(entry) for entry in taken])
+        return Claimed([parse_claim(r) for r in claims], [parse_taken(entry) for entry in taken])
 
     def finish(
         self,
@@ -394,7 +319,7 @@ class Ledger:
             ],
             keys=[self.urgent_list, self.normal_list, UNACKED, UNACKED_INDEX],
         )
-        items = [_text(v) for v in reply]
+        items = [as_text(v) for v in reply]
         return [SweepEvent(*items[i : i + 3]) for i in range(0, len(items), 3)]
 
     def pause(self, account: str, seconds: float, reason_json: str) -> bool:
@@ -441,7 +366,7 @@ class Ledger:
         reply = self._run(
             self._heartbeat, [self.keys.prefix, worker, timeout_s, ",".join(held), decls]
         )
-        items = [_text(v) for v in reply]
+        items = [as_text(v) for v in reply]
         out: dict[str, tuple[float, int, float]] = {}
         for i in range(0, len(items), 2):
             interval, amount, window = items[i + 1].split(",")
