@@ -10,13 +10,13 @@ import base64
 import email.utils
 import gzip
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import urllib3
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -60,10 +60,8 @@ def no_proxy_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for name in PROXY_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     upstream.proxy_for.cache_clear()
-    upstream.route.cache_clear()
     yield
     upstream.proxy_for.cache_clear()
-    upstream.route.cache_clear()
 
 
 def serve(reply: Reply, *, close: bool = False) -> RawServer:
@@ -214,16 +212,77 @@ def test_send_report_does_not_follow_redirects() -> None:
 
 
 def test_send_report_read_timeout_is_transient() -> None:
-    """A server that takes the request and never answers: a transient ``TIMEOUT`` after
-    the read timeout, with no HTTP status."""
+    """A server that takes the request and never answers: a transient ``TIMEOUT`` once
+    the exchange has run the connect and read timeouts, with no HTTP status."""
     with serve(lambda seen: None) as server:
-        outcome = send_report(server.url + PATH, CLIENT_KEY, TASK_ID, read_timeout_s=0.2)
+        outcome = send_report(
+            server.url + PATH, CLIENT_KEY, TASK_ID, connect_timeout_s=0.2, read_timeout_s=0.2
+        )
 
     assert 1 == len(server.seen)
     assert "transient" == outcome.status
     assert "TIMEOUT" == outcome.error_code
     assert outcome.http_status is None
     assert 0.2 <= outcome.duration_s
+
+
+def test_an_answer_trickled_forever_is_cut_at_connect_plus_read_timeout() -> None:
+    """A server that answers a header line every 50 ms, never finishing (each read comes
+    well within the read timeout): the exchange is cut all the same, a transient
+    ``TIMEOUT`` — a report's HTTP call never outlives connect + read timeout, which is
+    what its lease is sized for."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    done = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            while not done.wait(0.05):
+                try:
+                    conn.sendall(b"X-Slow: yes\r\n")
+                except OSError:
+                    return
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        outcome = send_report(
+            f"http://127.0.0.1:{port}{PATH}", CLIENT_KEY, TASK_ID,
+            connect_timeout_s=0.2, read_timeout_s=0.3,
+        )  # fmt: skip
+    finally:
+        done.set()
+        listener.close()
+        thread.join(5)
+
+    assert "transient" == outcome.status
+    assert "TIMEOUT" == outcome.error_code
+    assert outcome.http_status is None
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_an_answer_over_the_cap_is_classified_unread(chunked: bool) -> None:
+    """An answer longer than ``MAX_ANSWER_BYTES`` (announced, or sent chunked) is not read
+    into memory: classified by its status as an answer that is not the API's JSON, the
+    detail saying so."""
+    body = b"x" * (upstream.MAX_ANSWER_BYTES + 1)
+    if chunked:
+        raw = b"HTTP/1.1 403 X\r\nTransfer-Encoding: chunked\r\n\r\n"
+        raw += b"".join(
+            b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:65536], body[65536:])
+        )
+        raw += b"0\r\n\r\n"
+    else:
+        raw = answer(403, body)
+    with serve(always(raw), close=True) as server:
+        outcome = send_report(server.url + PATH, CLIENT_KEY, TASK_ID)
+
+    assert 403 == outcome.http_status
+    assert ("rejected", "HTTP_403") == (outcome.status, outcome.error_code)
+    assert f"over {upstream.MAX_ANSWER_BYTES} bytes" in outcome.detail
 
 
 def test_send_report_connect_timeout_is_transient() -> None:
@@ -409,9 +468,9 @@ def test_send_report_uses_the_given_pool() -> None:
     """A caller-provided pool is the one that sends the report (here: one through a proxy,
     with no proxy in the environment)."""
     with serve(always(answer(200, SUCCESS))) as api, serve(forward) as proxy:
-        http = upstream.new_pool(proxy.url)
+        http = upstream.Client(proxy=proxy.url)
         outcome = send_report(api.url + PATH, CLIENT_KEY, TASK_ID, http=http)
-        http.clear()
+        http.close()
 
     assert "accepted" == outcome.status
     assert 1 == len(proxy.seen)
@@ -426,9 +485,9 @@ def test_a_self_signed_certificate_is_refused(tmp_path: Path) -> None:
     context, cert = self_signed_context(tmp_path)
     with RawServer(always(answer(200, SUCCESS)), tls=context) as server:
         refused = send_report(server.url + PATH, CLIENT_KEY, TASK_ID)
-        trusting = urllib3.PoolManager(cert_reqs="CERT_REQUIRED", ca_certs=str(cert))
+        trusting = upstream.Client(ca_certs=str(cert))
         trusted = send_report(server.url + PATH, CLIENT_KEY, TASK_ID, http=trusting)
-        trusting.clear()
+        trusting.close()
 
     assert "transient" == refused.status
     assert "CONNECTION_ERROR" == refused.error_code
@@ -485,7 +544,9 @@ ECHOING: dict[str, Reply] = {
 def test_send_report_detail_never_contains_client_key(reply: Reply) -> None:
     """Whatever the answer or failure, the client key appears nowhere in the Outcome."""
     with serve(reply, close=True) as server:
-        outcome = send_report(server.url + PATH, CLIENT_KEY, TASK_ID, read_timeout_s=0.2)
+        outcome = send_report(
+            server.url + PATH, CLIENT_KEY, TASK_ID, connect_timeout_s=0.2, read_timeout_s=0.2
+        )
 
     assert 1 == len(server.seen)
     assert CLIENT_KEY.lower() not in repr(outcome).lower()
@@ -610,10 +671,13 @@ def test_hostile_answers_are_classified_never_raised(
     content = NAMED_BODIES[body] if isinstance(body, str) else body
     script[0] = b"\r\n".join([status_line, *headers]) + b"\r\n\r\n" + content
     before = len(server.seen)
-    pool = upstream.new_pool()  # a fresh connection for each answer
+    client = upstream.Client()  # a fresh connection for each answer
 
-    outcome = send_report(server.url + PATH, CLIENT_KEY, TASK_ID, read_timeout_s=2.0, http=pool)
-    pool.clear()
+    outcome = send_report(
+        server.url + PATH, CLIENT_KEY, TASK_ID, connect_timeout_s=1.0, read_timeout_s=1.0,
+        http=client,
+    )  # fmt: skip
+    client.close()
 
     assert before + 1 == len(server.seen)
     assert outcome.status in STATUSES

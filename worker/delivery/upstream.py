@@ -18,34 +18,33 @@ A provider profile may map extra codes (``error_codes`` in providers.toml). The 
 is scrubbed from every error text this module builds, in any letter case and before any
 text is cut short, even when a server echoes the request (or the key upper-cased) back.
 
-The client is urllib3 directly (the transport requests is built on, without requests' per
-request work: a third of a worker's CPU went to requests, bench/README.md): one keep-alive
-pool per host (per proxy, through one), shared by the process's threads; TLS verified,
-connect and read timeouts, no retries or redirects, proxies from the environment as
-requests reads them.
+The client is libcurl, through pycurl (chosen by benchmark, bench/README.md: a tenth of
+urllib3's CPU per POST, and the exchange itself — sending, waiting, parsing the answer —
+runs in C without the GIL, so a worker's threads do not queue for it): keep-alive
+connections shared by the process's threads; TLS verified against certifi's CA bundle;
+a connect timeout, and the whole exchange cut at connect + read timeout; no retries or
+redirects; proxies from the environment as requests reads them; answers over
+``MAX_ANSWER_BYTES`` not read.
 """
 
 from __future__ import annotations
 
 import email.utils
 import functools
+import io
 import json
 import math
 import os
 import re
-import threading
 import time
-from collections.abc import Callable, Mapping
+import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import certifi
+import pycurl
 import requests.utils
-import urllib3
-from urllib3.exceptions import HTTPError, NewConnectionError, URLSchemeUnknown
-from urllib3.exceptions import TimeoutError as HTTPTimeoutError
-
-from worker.settings import MAX_CONCURRENCY
 
 Status = Literal["accepted", "rejected", "account_fault", "transient"]
 
@@ -77,59 +76,116 @@ class Outcome:
     duration_s: float = 0.0
 
 
-POOL_SIZE = MAX_CONCURRENCY  # connections kept per host: at least the worker's threads
-_HEADERS = {"Content-Type": "application/json", "User-Agent": "report-forwarder"}
-
-# what a request is sent through: a host's own pool (asked for a path), or a pool manager
-# (asked for a whole URL: one through a proxy, or a caller's)
-Pool = urllib3.HTTPConnectionPool | urllib3.PoolManager
-
-_pools_lock = threading.Lock()
-_pools: dict[object, Pool] = {}  # by (scheme, host, port) when direct, by proxy URL else
+# An answer of the API is a few hundred bytes; a larger one is not read (a hostile or
+# broken server must not fill a worker's memory).
+MAX_ANSWER_BYTES = 1 << 20
+_HEADER_LINES = ["Content-Type: application/json", "User-Agent: report-forwarder", "Expect:"]
+_SCHEMES = ("http", "https")
+_TIMEOUT = pycurl.E_OPERATION_TIMEDOUT
 
 
-@functools.lru_cache(maxsize=256)
-def route(url: str) -> tuple[Pool, str]:
-    """How this process reaches ``url``, worked out once per URL: the keep-alive pool to
-    send through and what to ask it for. Direct, the pool of the URL's host and the path;
-    through the proxy the environment names for the URL (:func:`proxy_for`), that proxy's
-    pool and the whole URL. urllib3's pools are safe to share between threads: every
-    thread of a worker uses the same ones. A pool opens connections as threads need them
-    and keeps up to :data:`POOL_SIZE` per host, so no thread of a worker finds it full
-    (``block=False``: it would open a connection for one request rather than wait)."""
-    proxy = proxy_for(url)
-    if proxy is not None:
-        return _shared(proxy, lambda: new_pool(proxy)), url
-    parts = urllib3.util.parse_url(url)
-    scheme, host, port = parts.scheme or "http", parts.host or "", parts.port
-    return _shared((scheme, host, port), lambda: _host_pool(scheme, host, port)), parts.request_uri
+class Client:
+    """Keep-alive connections for reports, shared by a process's threads: libcurl easy
+    handles, each keeping its own connections, lent to one request at a time — the one
+    returned last goes out first, so a worker keeps about as many warm connections as it
+    has reports on their way at once (a handle is never used by two threads together).
+
+    ``proxy``: send every request through this proxy; None (the default): through the
+    one the environment names for the request's URL (:func:`proxy_for`), or directly.
+    ``ca_certs``: the CA bundle TLS is verified against (default: certifi's)."""
+
+    def __init__(self, *, proxy: str | None = None, ca_certs: str | None = None) -> None:
+        self.proxy = proxy
+        self.ca_certs = ca_certs or certifi.where()
+        self._idle: list[pycurl.Curl] = []  # list.append and .pop are atomic
+
+    def post(
+        self, url: str, body: bytes, *, connect_timeout_s: float, read_timeout_s: float
+    ) -> tuple[int, bytes, bytes | None]:
+        """POST ``body`` to ``url``: the HTTP status, the answer's header block and body
+        (None: over ``MAX_ANSWER_BYTES``, not read); :class:`ExchangeError` if there is no
+        whole answer."""
+        scheme = _scheme(url)
+        if scheme not in _SCHEMES:
+            raise ExchangeError(f"unsupported URL scheme {scheme!r} (http and https are)")
+        try:
+            proxy = self.proxy if self.proxy is not None else proxy_for(url)
+        except ValueError as exc:  # a URL too malformed to look its proxy up
+            raise ExchangeError(f"malformed URL: {exc}") from None
+        if proxy is not None and _scheme(proxy) not in _SCHEMES:
+            scheme = _scheme(proxy)
+            raise ExchangeError(f"unsupported proxy scheme {scheme!r} (http and https are)")
+        try:
+            handle = self._idle.pop()
+        except IndexError:  # every handle is lent out: one more
+            handle = self._new()
+        head, answer = io.BytesIO(), io.BytesIO()
+        try:
+            handle.setopt(pycurl.URL, url)
+            handle.setopt(pycurl.PROXY, proxy or "")  # "": none, not the environment's
+            handle.setopt(pycurl.POSTFIELDS, body)
+            handle.setopt(pycurl.CONNECTTIMEOUT_MS, max(1, round(connect_timeout_s * 1000)))
+            total_s = connect_timeout_s + read_timeout_s
+            handle.setopt(pycurl.TIMEOUT_MS, max(1, round(total_s * 1000)))
+            handle.setopt(pycurl.WRITEDATA, answer)
+            handle.setopt(pycurl.WRITEHEADER, head)
+            try:
+                handle.perform()
+            except pycurl.error as exc:
+                if exc.args[0] == pycurl.E_FILESIZE_EXCEEDED:  # classified without it
+                    return int(handle.getinfo(pycurl.RESPONSE_CODE)), head.getvalue(), None
+                raise ExchangeError.from_curl(handle, exc, proxy) from None
+            return int(handle.getinfo(pycurl.RESPONSE_CODE)), head.getvalue(), answer.getvalue()
+        finally:
+            self._idle.append(handle)
+
+    def _new(self) -> pycurl.Curl:
+        handle = pycurl.Curl()
+        handle.setopt(pycurl.NOSIGNAL, 1)  # threads: no SIGALRM for name lookups
+        handle.setopt(pycurl.CAINFO, self.ca_certs)
+        handle.setopt(pycurl.PROXY_CAINFO, self.ca_certs)
+        handle.setopt(pycurl.SSL_VERIFYPEER, 1)
+        handle.setopt(pycurl.SSL_VERIFYHOST, 2)
+        handle.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
+        handle.setopt(pycurl.FOLLOWLOCATION, 0)
+        handle.setopt(pycurl.ACCEPT_ENCODING, "gzip, deflate")  # as requests asked
+        handle.setopt(pycurl.HTTPHEADER, _HEADER_LINES)
+        handle.setopt(pycurl.MAXFILESIZE_LARGE, MAX_ANSWER_BYTES)
+        return handle
+
+    def close(self) -> None:
+        """Close the idle handles and their connections (one lent out stays open)."""
+        while self._idle:
+            self._idle.pop().close()
 
 
-def _shared(key: object, make: Callable[[], Pool]) -> Pool:
-    pool = _pools.get(key)
-    if pool is None:
-        with _pools_lock:
-            pool = _pools.get(key)
-            if pool is None:
-                pool = _pools[key] = make()
-    return pool
+def _scheme(url: str) -> str:
+    scheme, sep, _ = url.partition("://")
+    return scheme.lower() if sep else ""
 
 
-def _host_pool(scheme: str, host: str, port: int | None) -> urllib3.HTTPConnectionPool:
-    """One host's pool, as :func:`new_pool` makes them."""
-    if scheme == "https":
-        return urllib3.HTTPSConnectionPool(
-            host,
-            port,
-            maxsize=POOL_SIZE,
-            block=False,
-            retries=False,
-            cert_reqs="CERT_REQUIRED",
-            ca_certs=certifi.where(),
-        )
-    if scheme == "http":
-        return urllib3.HTTPConnectionPool(host, port, maxsize=POOL_SIZE, block=False, retries=False)
-    raise URLSchemeUnknown(scheme)
+class ExchangeError(Exception):
+    """No whole answer: the request could not be made, or its answer broke off."""
+
+    def __init__(self, detail: str, *, timeout: bool = False) -> None:
+        super().__init__(detail)
+        self.timeout = timeout
+
+    @classmethod
+    def from_curl(cls, handle: pycurl.Curl, exc: pycurl.error, proxy: str | None) -> ExchangeError:
+        args: tuple[object, ...] = exc.args  # (libcurl's error code, its message)
+        code, message = args[0], str(args[-1])
+        errno = int(handle.getinfo(pycurl.OS_ERRNO) or 0)
+        text = f"{message} ({os.strerror(errno)})" if errno else message
+        if code in (pycurl.E_PEER_FAILED_VERIFICATION, pycurl.E_SSL_CACERT_BADFILE):
+            text = f"TLS certificate verify failed: {text}"
+        if proxy is not None:  # named by host and port only: never its credentials
+            where = urllib.parse.urlsplit(proxy).netloc.rpartition("@")[2]
+            text = f"{text}, through proxy {where}"
+        return cls(f"curl error {code}: {text}", timeout=code == _TIMEOUT)
+
+
+_client = Client()
 
 
 @functools.lru_cache(maxsize=256)
@@ -143,47 +199,20 @@ def proxy_for(url: str) -> str | None:
     return str(requests.utils.prepend_scheme_if_needed(proxy, "http"))  # type: ignore[no-untyped-call]
 
 
-def new_pool(proxy: str | None = None) -> urllib3.PoolManager:
-    """A pool as the shared ones are (through ``proxy`` if given): TLS verified against
-    certifi's CA bundle (the one requests used), no retries and no redirects (each answer
-    is classified as it comes)."""
-    if proxy is None:
-        return urllib3.PoolManager(
-            num_pools=32,
-            maxsize=POOL_SIZE,
-            block=False,
-            retries=False,
-            cert_reqs="CERT_REQUIRED",
-            ca_certs=certifi.where(),
-        )
-    username, password = requests.utils.get_auth_from_url(proxy)
-    auth = urllib3.make_headers(proxy_basic_auth=f"{username}:{password}") if username else None
-    return urllib3.ProxyManager(
-        proxy,
-        proxy_headers=auth,
-        num_pools=32,
-        maxsize=POOL_SIZE,
-        block=False,
-        retries=False,
-        cert_reqs="CERT_REQUIRED",
-        ca_certs=certifi.where(),
-    )
+_forked: list[Client] = []
 
 
-def _forget_pools() -> None:
-    """In a forked child: start with no pools (the parent's sockets are not the child's)."""
-    global _pools_lock  # noqa: PLW0603  # a lock held at fork time would stay held
-    _pools_lock = threading.Lock()
-    _pools.clear()
-    route.cache_clear()
+def _forget_connections() -> None:
+    """In a forked child: start with no connections (the parent's sockets are not the
+    child's). The parent's handles are kept, never closed: closing one could end the
+    parent's TLS session on a socket both share."""
+    global _client  # noqa: PLW0603
+    _forked.append(_client)
+    _client = Client()
+    proxy_for.cache_clear()
 
 
-os.register_at_fork(after_in_child=_forget_pools)
-
-
-@functools.lru_cache(maxsize=64)
-def _timeout(connect_s: float, read_s: float) -> urllib3.Timeout:
-    return urllib3.Timeout(connect=connect_s, read=read_s)
+os.register_at_fork(after_in_child=_forget_connections)
 
 
 def send_report(
@@ -194,42 +223,48 @@ def send_report(
     connect_timeout_s: float = 5.0,
     read_timeout_s: float = 10.0,
     error_codes: Mapping[str, str] | None = None,
-    http: urllib3.PoolManager | None = None,
+    http: Client | None = None,
 ) -> Outcome:
     """POST ``{"clientKey": ..., "taskId": ...}`` to ``url`` and classify the answer.
-    ``http``: a pool manager to send through, as it is (default: :func:`route`)."""
+    ``http``: a client to send through (default: the process's shared one). The whole
+    exchange is cut at ``connect_timeout_s + read_timeout_s``."""
     body = json.dumps({"clientKey": client_key, "taskId": task_id}).encode()
     started = time.perf_counter()
     try:
-        pool, target = (http, url) if http is not None else route(url)
-        response = pool.urlopen(
-            "POST",
-            target,
-            body=body,
-            headers=_HEADERS,
-            timeout=_timeout(connect_timeout_s, read_timeout_s),
-            retries=False,
-            redirect=False,
+        status, head, content = (http or _client).post(
+            url, body, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s
         )
-        content = response.data
-    except NewConnectionError as exc:  # a subclass of ConnectTimeoutError, but no timeout
-        detail = _describe(exc, client_key)
-        return Outcome("transient", None, "CONNECTION_ERROR", detail, None, _since(started))
-    except HTTPTimeoutError as exc:  # connect or read timeout
-        detail = _describe(exc, client_key)
-        return Outcome("transient", None, "TIMEOUT", detail, None, _since(started))
-    except (HTTPError, OSError, ValueError) as exc:  # refused, reset, TLS, proxy, bad URL...
-        detail = _describe(exc, client_key)
-        return Outcome("transient", None, "CONNECTION_ERROR", detail, None, _since(started))
-    outcome = classify(response.status, content, response.headers, error_codes, secret=client_key)
+    except ExchangeError as exc:
+        code = "TIMEOUT" if exc.timeout else "CONNECTION_ERROR"
+        detail = _excerpt(str(exc), 300, client_key)
+        return Outcome("transient", None, code, detail, None, _since(started))
+    outcome = classify(status, content or b"", _retry_after(head), error_codes, secret=client_key)
+    detail = outcome.detail
+    if content is None:  # classified as an answer that is not the API's JSON
+        detail = f"HTTP {status}, answer over {MAX_ANSWER_BYTES} bytes, not read"
     return Outcome(
         outcome.status,
         outcome.http_status,
         outcome.error_code,
-        outcome.detail,
+        detail,
         outcome.retry_after,
         _since(started),
     )
+
+
+def _retry_after(head: bytes) -> dict[str, str]:
+    """The Retry-After header of the answer's header block (the last block: one through a
+    proxy's tunnel follows the proxy's own), as ``classify`` reads headers."""
+    if b"retry-after" not in head.lower():
+        return {}
+    found: dict[str, str] = {}
+    for line in head.decode("latin-1").split("\r\n"):
+        if line.startswith("HTTP/"):  # a new block (a proxy's, an interim answer's)
+            found.clear()
+        name, colon, value = line.partition(":")
+        if colon and name.strip().lower() == "retry-after":
+            found["Retry-After"] = value.strip()
+    return found
 
 
 def classify(
@@ -291,10 +326,6 @@ def parse_retry_after(value: str | None) -> float | None:
 
 def _since(started: float) -> float:
     return time.perf_counter() - started
-
-
-def _describe(exc: BaseException, secret: str) -> str:
-    return _excerpt(f"{type(exc).__name__}: {exc}", 300, secret)
 
 
 def _room(limit: int, secret: str) -> int:
