@@ -384,7 +384,7 @@ def _dramatiq(s: dict[str, Any], n: int, threads: int) -> dict[str, Any]:
 
 def _bare(url: str, n: int, threads: int, client: str = "requests") -> dict[str, Any]:
     """The floor: the HTTP client alone POSTing in the same number of threads, nothing
-    else (bench/http.py: ``requests`` set up as the worker's, or ``urllib3``)."""
+    else (bench/http.py: ``requests``, ``urllib3``, or ``pycurl`` as the worker uses it)."""
     from .http import post_loop
 
     r = post_loop(client, url, n, threads)
@@ -395,7 +395,7 @@ def _bare(url: str, n: int, threads: int, client: str = "requests") -> dict[str,
     }
 
 
-BASELINES = ("naive_celery", "dramatiq", "bare_requests", "bare_urllib3")
+BASELINES = ("naive_celery", "dramatiq", "bare_requests", "bare_urllib3", "bare_pycurl")
 
 
 def worker_throughput(n: int = 6000, threads: int = 16, chunk: int = 20) -> dict[str, Any]:
@@ -413,11 +413,14 @@ def worker_throughput(n: int = 6000, threads: int = 16, chunk: int = 20) -> dict
         bare = _bare(s["sandbox_url"], n, threads, "requests")
     with stack() as s:
         bare3 = _bare(s["sandbox_url"], n, threads, "urllib3")
+    with stack() as s:
+        curl = _bare(s["sandbox_url"], n, threads, "pycurl")
     baselines = {
         "naive_celery": naive,
         "dramatiq": peer,
         "bare_requests": bare,
         "bare_urllib3": bare3,
+        "bare_pycurl": curl,
     }
 
     def ratios(ours: dict[str, Any], field: str) -> dict[str, float]:
