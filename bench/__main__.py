@@ -260,7 +260,7 @@ def run_perf(args: argparse.Namespace) -> dict[str, Any]:
             r["efficiency"] >= target,
         )
     lat = doc["latency_bound_bulk"] = perf.latency_bound(per_message=20)
-    for t, target in ((16, 0.9), (64, 0.75)):
+    for t, target in ((16, 0.9), (64, 0.9)):
         r = lat[f"threads_{t}"]
         row(
             f"50 ms API, {t} threads, bulk",
