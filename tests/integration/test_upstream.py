@@ -226,6 +226,18 @@ def test_send_report_read_timeout_is_transient() -> None:
     assert 0.2 <= outcome.duration_s
 
 
+def test_a_server_silent_for_the_read_timeout_is_cut_before_connect_plus_read() -> None:
+    """A server that takes the request and stays silent is cut by the read timeout (a
+    whole second here), not only once connect + read timeout have gone by."""
+    with serve(lambda seen: None) as server:
+        outcome = send_report(
+            server.url + PATH, CLIENT_KEY, TASK_ID, connect_timeout_s=5.0, read_timeout_s=1.0
+        )
+
+    assert "TIMEOUT" == outcome.error_code
+    assert outcome.duration_s < 5.0 + 1.0
+
+
 def test_an_answer_trickled_forever_is_cut_at_connect_plus_read_timeout() -> None:
     """A server that answers a header line every 50 ms, never finishing (each read comes
     well within the read timeout): the exchange is cut all the same, a transient

@@ -22,7 +22,8 @@ The client is libcurl, through pycurl (chosen by benchmark, bench/README.md: a t
 urllib3's CPU per POST, and the exchange itself — sending, waiting, parsing the answer —
 runs in C without the GIL, so a worker's threads do not queue for it): keep-alive
 connections shared by the process's threads; TLS verified against certifi's CA bundle;
-a connect timeout, and the whole exchange cut at connect + read timeout; no retries or
+a connect timeout, a read timeout (silence, in whole seconds), and the whole exchange cut
+at connect + read timeout; no retries or
 redirects; proxies from the environment as requests reads them; answers over
 ``MAX_ANSWER_BYTES`` not read.
 """
@@ -125,6 +126,9 @@ class Client:
             handle.setopt(pycurl.PROXY, proxy or "")  # "": none, not the environment's
             handle.setopt(pycurl.POSTFIELDS, body)
             handle.setopt(pycurl.CONNECTTIMEOUT_MS, max(1, round(connect_timeout_s * 1000)))
+            # no answer for the read timeout (libcurl's whole seconds) after the request is
+            # sent: cut; and however a server trickles it, never longer than both timeouts
+            handle.setopt(pycurl.LOW_SPEED_TIME, max(1, math.ceil(read_timeout_s)))
             total_s = connect_timeout_s + read_timeout_s
             handle.setopt(pycurl.TIMEOUT_MS, max(1, round(total_s * 1000)))
             handle.setopt(pycurl.WRITEDATA, answer)
@@ -151,6 +155,11 @@ class Client:
         handle.setopt(pycurl.ACCEPT_ENCODING, "gzip, deflate")  # as requests asked
         handle.setopt(pycurl.HTTPHEADER, _HEADER_LINES)
         handle.setopt(pycurl.MAXFILESIZE_LARGE, MAX_ANSWER_BYTES)
+        # The read timeout: below this many bytes/s for LOW_SPEED_TIME, the exchange is cut.
+        # libcurl's speed counts the request's own bytes of the last ~5 s, so 1 byte/s
+        # would not fire until they had left that window; an answer of the API is a few
+        # hundred bytes, arriving at once, so this is "no answer for LOW_SPEED_TIME".
+        handle.setopt(pycurl.LOW_SPEED_LIMIT, 1024)
         return handle
 
     def close(self) -> None:
