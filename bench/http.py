@@ -15,6 +15,8 @@ urllib3    one shared ``urllib3.PoolManager`` (thread-safe; ``maxsize`` = thread
 httpx      one shared ``httpx.Client`` (HTTP/1.1), ``httpx.Timeout(read, connect=...)``
 http       ``http.client.HTTPConnection`` per thread: the floor (no pooling across
            threads, one timeout for connect and read, no proxy support)
+pycurl     the worker's client (``worker.delivery.upstream.Client``): libcurl easy handles
+           shared by the threads, one request at a time each, proxies as requests reads them
 =========  ===============================================================================
 
 CPU is the benchmark process's own (psutil), taken while only the posting threads run;
@@ -215,47 +217,27 @@ class StdlibClient:
 
 
 class PycurlClient:
-    """A pycurl (libcurl) easy handle per thread, kept alive: the transfer and the
-    answer's parsing happen in C with the GIL released."""
+    """The worker's own client (``upstream.Client``: libcurl handles lent to one thread at
+    a time, proxies chosen as requests chooses them), one shared by every thread."""
 
     def __init__(self, url: str, threads: int) -> None:
-        import certifi
+        from worker.delivery.upstream import Client
 
         self.url = url + PATH
-        self.ca = certifi.where()
-        self.handles: list[Any] = []
-        self.lock = threading.Lock()
+        self.client = Client()
 
     def poster(self) -> Post:
-        import io
-
-        import pycurl
-
-        c = pycurl.Curl()
-        c.setopt(pycurl.URL, self.url)
-        c.setopt(pycurl.NOSIGNAL, 1)
-        c.setopt(pycurl.CAINFO, self.ca)
-        c.setopt(pycurl.CONNECTTIMEOUT_MS, int(CONNECT_S * 1000))
-        c.setopt(pycurl.TIMEOUT_MS, int((CONNECT_S + READ_S) * 1000))
-        c.setopt(pycurl.HTTPHEADER, [f"{k}: {v}" for k, v in JSON.items()] + ["Expect:"])
-        c.setopt(pycurl.FOLLOWLOCATION, 0)
-        with self.lock:
-            self.handles.append(c)
+        url, post_ = self.url, self.client.post
 
         def post(task_id: int) -> int:
-            out, head = io.BytesIO(), io.BytesIO()
-            c.setopt(pycurl.POSTFIELDS, _body(task_id))
-            c.setopt(pycurl.WRITEDATA, out)
-            c.setopt(pycurl.WRITEHEADER, head)
-            c.perform()
-            _ = out.getvalue()
-            return int(c.getinfo(pycurl.RESPONSE_CODE))
+            status, _, _ = post_(url, _body(task_id), connect_timeout_s=CONNECT_S,
+                                 read_timeout_s=READ_S)  # fmt: skip
+            return status
 
         return post
 
     def close(self) -> None:
-        for c in self.handles:
-            c.close()
+        self.client.close()
 
 
 CANDIDATES: dict[str, Callable[[str, int], Candidate]] = {
@@ -406,7 +388,7 @@ def _try(name: str, base: str) -> str:
     except Exception as exc:  # the class is the answer
         chain: BaseException | None = exc
         while chain is not None:
-            if "CERTIFICATE_VERIFY_FAILED" in str(chain):
+            if "certificate verify failed" in str(chain).lower():
                 return f"{type(exc).__name__}: CERTIFICATE_VERIFY_FAILED"
             chain = chain.__cause__ or chain.__context__
         return type(exc).__name__
