@@ -357,6 +357,44 @@ def test_send_report_broken_answer_is_a_connection_error(raw: bytes) -> None:
     assert "" != outcome.detail
 
 
+def test_a_request_dropped_unanswered_on_a_kept_alive_connection_is_not_resent() -> None:
+    """The server answers a first report, then closes the kept-alive connection on the
+    second without a byte of answer: a transient ``CONNECTION_ERROR``, the request not
+    re-sent on a new connection (libcurl would, behind the rate limiter's back: the
+    report is retried after its backoff like any other)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    requests_seen: list[bytes] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                while data := conn.recv(65536):
+                    requests_seen.append(data)
+                    if len(requests_seen) >= 2:
+                        break  # the second (and any later) request: closed unanswered
+                    conn.sendall(answer(200, SUCCESS))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{port}{PATH}"
+        first = send_report(url, CLIENT_KEY, TASK_ID)
+        second = send_report(url, CLIENT_KEY, TASK_ID + 1)
+    finally:
+        listener.close()
+        thread.join(5)
+
+    assert "accepted" == first.status
+    assert ("transient", "CONNECTION_ERROR") == (second.status, second.error_code)
+    assert "before any answer" in second.detail
+    assert 2 == len(requests_seen)
+
+
 # --- keep-alive: one pool per process, shared by its threads --------------------------------
 
 

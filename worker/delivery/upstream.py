@@ -124,7 +124,11 @@ class Client:
         try:
             handle.setopt(pycurl.URL, url)
             handle.setopt(pycurl.PROXY, proxy or "")  # "": none, not the environment's
-            handle.setopt(pycurl.POSTFIELDS, body)
+            # read from a stream that cannot be rewound: libcurl re-sends a request whose
+            # kept-alive connection closed before any answer, behind the rate limiter's
+            # back; this way it gives up instead (the report is retried as any other)
+            handle.setopt(pycurl.READDATA, io.BytesIO(body))
+            handle.setopt(pycurl.POSTFIELDSIZE, len(body))
             handle.setopt(pycurl.CONNECTTIMEOUT_MS, max(1, round(connect_timeout_s * 1000)))
             # no answer for the read timeout (libcurl's whole seconds) after the request is
             # sent: cut; and however a server trickles it, never longer than both timeouts
@@ -146,6 +150,7 @@ class Client:
     def _new(self) -> pycurl.Curl:
         handle = pycurl.Curl()
         handle.setopt(pycurl.NOSIGNAL, 1)  # threads: no SIGALRM for name lookups
+        handle.setopt(pycurl.POST, 1)
         handle.setopt(pycurl.CAINFO, self.ca_certs)
         handle.setopt(pycurl.PROXY_CAINFO, self.ca_certs)
         handle.setopt(pycurl.SSL_VERIFYPEER, 1)
@@ -188,6 +193,8 @@ class ExchangeError(Exception):
         text = f"{message} ({os.strerror(errno)})" if errno else message
         if code in (pycurl.E_PEER_FAILED_VERIFICATION, pycurl.E_SSL_CACERT_BADFILE):
             text = f"TLS certificate verify failed: {text}"
+        elif code == pycurl.E_SEND_FAIL_REWIND:
+            text = "the connection closed after the request was sent, before any answer"
         if proxy is not None:  # named by host and port only: never its credentials
             where = urllib.parse.urlsplit(proxy).netloc.rpartition("@")[2]
             text = f"{text}, through proxy {where}"
