@@ -253,13 +253,20 @@ def test_stats_watch_shows_unreachable_and_redraws_until_redis_is_back(
     once a Redis answers on that address it shows the numbers again."""
     port = free_port()
     environ = cli_env(env | {"REDIS_URL": f"redis://127.0.0.1:{port}/0", "PYTHONUNBUFFERED": "1"})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "worker", "stats", "--watch"],
-        env=environ,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    # Ctrl-C as at a terminal: a suite started in the background by a shell inherits
+    # SIGINT ignored, and so would the command (Python then installs no handler of its own);
+    # a handled signal is reset to its default in the child
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "stats", "--watch"],
+            env=environ,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     lines: queue.Queue[str] = queue.Queue()
 
     def read_lines() -> None:
