@@ -6,6 +6,7 @@ HTTP."""
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -16,6 +17,7 @@ from celery.signals import task_prerun
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from worker.delivery.batch import RECORD_EVERY_S, Batch, Concluded, Job, Recorder
 from worker.producer import Producer
 from worker.settings import Settings
 from worker.store.keys import Keys
@@ -241,3 +243,75 @@ def test_a_report_too_late_for_its_lease_goes_back_unsent_and_is_sent_once(
     released = [x["task_id"] for x in lines if x["event"] == "report.released"]
     assert released, "no report was released"
     assert any(x["event"] == "message.handed_back" for x in lines)
+
+
+def test_a_report_released_after_its_message_closed_is_handed_on_at_once(
+    producer: Producer, redis_client: redis.Redis
+) -> None:
+    """A report released unsent is handed on when its message closes; one whose release
+    is recorded after that close (a slow thread of the batch) goes into a new urgent
+    message in the same round trip, never left queued for a message nobody will close."""
+    ledger, message_id, refs = _one_message(producer, redis_client, "late-release", 3)
+    urgent, _ = list_keys(ledger.queue)
+
+    def release(ref: str) -> Record:
+        return Record(ref, message_id, Finish.RELEASE, 0)
+
+    assert ledger.finish_many([release(refs[0])], [message_id]) == [True]
+    assert ledger.finish_many([release(refs[1])], []) == [True]  # after the close
+
+    assert 2 == redis_client.llen(urgent)  # one message at the close, one after
+    moved = {as_bytes(redis_client.hget(f"late-release:r:{ref}", "m")).decode() for ref in refs[:2]}
+    assert message_id not in moved
+    assert all(redis_client.hexists(ledger.keys.msgrefs, m) for m in moved)
+
+
+class _SlowHandOver(Recorder):
+    """A recorder that takes its time over every outcome but a batch's last, so that a
+    thread handing one over late is overtaken by the one that closes the batch — unless
+    the batch keeps them in order. Records nothing: notes what each round trip carried."""
+
+    def __init__(self) -> None:
+        super().__init__(self._note)
+        self.trips: list[tuple[list[str], list[str]]] = []
+
+    def add(self, outcome: Concluded | None, closing: Batch | None) -> None:
+        if closing is None:  # longer than the recorder waits to gather a round trip
+            time.sleep(RECORD_EVERY_S * 2.5)
+        super().add(outcome, closing)
+
+    def _note(self, outcomes: list[Concluded], close: list[str]) -> None:
+        self.trips.append(([record.ref for record, _ in outcomes], close))
+
+
+def test_a_batch_hands_its_close_to_the_recorder_after_every_outcome() -> None:
+    """Eight threads conclude a batch's reports at once: the round trip that closes its
+    message carries the last of its outcomes, none comes after (a release recorded after
+    its message's close would be queued for a message nobody closes)."""
+    claim = Claim("image", "image", 0.0, 9e9, 0, 0, 0.0, None, None, None)
+    refs = [f"default:{n}" for n in range(1, 9)]
+    recorder = _SlowHandOver()
+    for _ in range(5):
+        recorder.trips.clear()
+        batch = Batch(time.time(), time.time() + 60, time.time())
+        batch.add("m1", [(ref, claim) for ref in refs])
+        start = threading.Barrier(len(refs))
+
+        def conclude(batch: Batch, job: Job, start: threading.Barrier) -> None:
+            start.wait()
+            batch.conclude(recorder, (Record(job.ref, "m1", Finish.RELEASE, 0), lambda _: None))
+
+        threads = [
+            threading.Thread(target=conclude, args=(batch, job, start)) for job in batch.jobs
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert batch.closed.wait(10)
+        closing = [i for i, (_, close) in enumerate(recorder.trips) if close == ["m1"]]
+        assert 1 == len(closing)
+        after = [ref for outcomes, _ in recorder.trips[closing[0] + 1 :] for ref in outcomes]
+        assert [] == after
+        assert sorted(refs) == sorted(r for outcomes, _ in recorder.trips for r in outcomes)
+    recorder.stop()

@@ -54,8 +54,10 @@ def test_sigterm_sends_only_what_was_in_flight_and_hands_back_the_rest(
 
     sandbox.set_latency(0)
     second = workers.spawn(concurrency=8)
-    wait_until(lambda: sandbox.count(success=True) >= 100, timeout=60)
-    workers.stop_all()
+    try:
+        wait_until(lambda: sandbox.count(success=True) >= 100, timeout=60)
+    finally:  # a worker left running would fail a later test (ResourceWarning)
+        workers.stop_all()
     assert 0 == second.returncode
     per_task = {r.task_id for r in sandbox.requests() if r.success}
     assert set(range(1, 101)) == per_task

@@ -91,13 +91,15 @@ class Batch:
         left = self.lease_until - time.time()
         return left >= min(longest_path_s, lease_s - FRESH_S)
 
-    def conclude(self) -> bool:
-        """A report has its outcome; True if it was the last one without."""
+    def conclude(self, recorder: Recorder, outcome: Concluded | None) -> None:
+        """A report's outcome (None: it ended without one, left running for the sweep)
+        goes to ``recorder``, the last one with the batch to close. One step under the
+        batch's lock: were another thread's last outcome handed over between this one's
+        count and its hand-over, the close would be recorded first, and a released report
+        recorded after its message was closed would never be handed on."""
         with self._lock:
             self._open -= 1
-            return not self._open
-
-    abandon = conclude  # a report that ends without an outcome (left running for the sweep)
+            recorder.add(outcome, None if self._open else self)
 
 
 class Recorder:

@@ -135,8 +135,8 @@ class ReportSteps:
         except Exception:  # a defect: the report stays running under us; the sweep re-queues it
             log.exception("report.failed", ref=job.ref)
         finally:
-            if not job.concluded and batch.abandon():
-                self.recorder.add(None, batch)
+            if not job.concluded:
+                batch.conclude(self.recorder, None)
 
     def _longest_path_s(self) -> float:
         """A report's longest way from its claim to its outcome: the limiter's waits, then
@@ -177,8 +177,7 @@ class ReportSteps:
         """The report's outcome, recorded with its batch's (``then(recorded)`` after)."""
         job.concluded = True
         record = Record(job.ref, job.message_id, outcome, attempts, **fields)
-        last = job.batch.conclude()
-        self.recorder.add((record, then), job.batch if last else None)
+        job.batch.conclude(self.recorder, (record, then))
         return str(outcome)
 
     def _released(self, job: Job) -> Callable[[bool], None]:

@@ -21,11 +21,11 @@ text is cut short, even when a server echoes the request (or the key upper-cased
 The client is libcurl, through pycurl (chosen by benchmark, bench/README.md: a tenth of
 urllib3's CPU per POST, and the exchange itself — sending, waiting, parsing the answer —
 runs in C without the GIL, so a worker's threads do not queue for it): keep-alive
-connections shared by the process's threads; TLS verified against certifi's CA bundle;
-a connect timeout, a read timeout (silence, in whole seconds), and the whole exchange cut
-at connect + read timeout; no retries or
-redirects; proxies from the environment as requests reads them; answers over
-``MAX_ANSWER_BYTES`` not read.
+connections shared by the process's threads; TLS verified against certifi's CA bundle; a
+connect timeout, a read timeout (no answer that long, in whole seconds), and the whole
+exchange cut at connect + read timeout; no redirects, and no request ever sent twice (not
+even one whose kept-alive connection closed before any answer); proxies from the
+environment as requests reads them; answers over ``MAX_ANSWER_BYTES`` not read.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@
 -- ARGV: 1 prefix, 2 now, 3 dedup ttl s, 4 dead-letter max entries, 5 dead-letter min id,
 --       6 urgent message template, 7 the messages to close, comma-separated ('' = none),
 --       then ten per outcome: message id, ref, outcome (accepted | retry | defer | dead |
---       release: not sent, queued for its message again, to be handed on when it closes),
+--       release: not sent, queued for its message again, to be handed on when it closes,
+--       or at once in a new message if it is closed already),
 --       attempts, error code, http status, error text, due (retry, defer) or reason (dead),
 --       stats field ('' = none), planned slot "slot|since" (defer) or ''
 -- Reads fields: s, m, t, k, e, v, o; writes s (a | w | q) and n, lc, lh, le, ps; an accepted
@@ -18,6 +19,7 @@ local template, closing = ARGV[6], ARGV[7]
 local rows = ARGV  -- read from 8 on, ten at a time (the header above)
 local urgent = KEYS[1]
 guard()
+local orphans = {}  -- released reports whose message was closed before: no close hands them on
 local function record(id, ref, outcome, attempts, code, http, err, arg, stats_field, planned)
   local key = p .. ':r:' .. ref
   local f = redis.call('HMGET', key, 's', 'm', 't', 'k', 'e', 'v', 'o')
@@ -40,6 +42,9 @@ local function record(id, ref, outcome, attempts, code, http, err, arg, stats_fi
     redis.call('HSET', key, 's', 'q')
     redis.call('HDEL', key, 'o')
     redis.call('ZREM', p .. ':leases', ref)
+    if redis.call('HEXISTS', p .. ':msgrefs', id) == 0 then
+      orphans[#orphans + 1] = ref  -- its message is closed already: handed on below
+    end
     return 1
   end
   if outcome == 'retry' or outcome == 'defer' then
@@ -69,6 +74,10 @@ end
 -- the worker is done with these messages (one round trip less): reports still queued for
 -- one (not reached) go to a new urgent message
 local compiled = nil
+if #orphans > 0 then
+  compiled = compile(template)
+  push(orphans, now, 'u', urgent, compiled)
+end
 for id in string.gmatch(closing, '[^,]+') do
   local refs = queued_refs(id)
   if #refs > 0 then
