@@ -18,7 +18,7 @@ A provider profile may map extra codes (``error_codes`` in providers.toml). The 
 is scrubbed from every error text this module builds, in any letter case and before any
 text is cut short, even when a server echoes the request (or the key upper-cased) back.
 
-The client is libcurl, through pycurl (chosen by benchmark, bench/README.md: a tenth of
+The client is libcurl, through pycurl (chosen by benchmark, bench/README.md: a sixth of
 urllib3's CPU per POST, and the exchange itself — sending, waiting, parsing the answer —
 runs in C without the GIL, so a worker's threads do not queue for it): keep-alive
 connections shared by the process's threads; TLS verified against certifi's CA bundle; a
