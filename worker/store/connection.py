@@ -61,7 +61,7 @@ class BoundedRetry(Retry):
         is_retryable: Callable[[Exception], bool] | None = None,
         with_failure_count: bool = False,
     ) -> T:
-        self._backoff.reset()  # type: ignore[no-untyped-call]
+        self._backoff.reset()  # type: ignore[no-untyped-call]  # redis-py 8: untyped
         started = time.monotonic()
         failures = 0
         while True:
@@ -195,7 +195,7 @@ def primary_address(url: str, timeout_s: float = 3.0) -> tuple[str, int]:
     """The primary the Sentinels name now (asked afresh): StoreUnreachableError when no
     Sentinel answers or none knows the master."""
     target = parse_sentinel(url)
-    sentinel: Any = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+    sentinel: Any = redis.sentinel.Sentinel(
         list(target.sentinels), sentinel_kwargs=_sentinel_kwargs(target, timeout_s)
     )
     try:
@@ -235,7 +235,7 @@ def connect(url: str, *, retries: int = _RETRIES, retry_s: float | None = None) 
             # retried command reaches the new one (an old primary that came back as a
             # replica answers READONLY, which redis-py turns into a reconnect)
             target = parse_sentinel(url)
-            sentinel: Any = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            sentinel: Any = redis.sentinel.Sentinel(
                 list(target.sentinels),
                 sentinel_kwargs=_sentinel_kwargs(target, min(connect_timeout, 3.0)),
             )
@@ -258,7 +258,7 @@ def connect_async(url: str, connect_timeout_s: float = 5.0) -> redis.asyncio.Red
     looked up again on every new connection."""
     if is_sentinel(url):
         target = parse_sentinel(url)
-        sentinel: Any = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        sentinel: Any = redis.asyncio.sentinel.Sentinel(
             list(target.sentinels),
             sentinel_kwargs=_sentinel_kwargs(target, min(connect_timeout_s, 3.0)),
         )
