@@ -23,6 +23,7 @@ from worker.store import connection as store
 from worker.store.deadletters import DeadLetter
 from worker.store.keys import Keys
 from worker.store.ledger import Ledger
+from worker.store.replication import replica_acks
 from worker.store.vocabulary import EnqueueRow
 
 log = LibraryLogger("worker.producer")
@@ -154,7 +155,7 @@ class Producer:
             dead_max_entries=settings.dead_letter_max_entries,
             dead_max_age_s=settings.dead_letter_max_age_s,
             # a report is "queued" only once enough replicas have it (docs/design.md §8)
-            acks=store.replica_acks(settings, settings.connect_retry_s),
+            acks=replica_acks(settings, settings.connect_retry_s),
         )
 
     def row(

@@ -48,7 +48,7 @@ from worker.store import connection as store
 from worker.store import scripts
 from worker.store.keys import Keys
 from worker.store.ledger import WORKER_TIMEOUT_S, Ledger, SweepEvent
-from worker.store.replication import UNREPLICATED_BACKOFF_S
+from worker.store.replication import UNREPLICATED_BACKOFF_S, replica_acks
 
 log = get_logger("worker.runtime")
 
@@ -89,7 +89,7 @@ class Runtime(ReportSteps):
             dedup_ttl_s=settings.dedup_ttl_s,
             dead_max_entries=settings.dead_letter_max_entries,
             dead_max_age_s=settings.dead_letter_max_age_s,
-            acks=store.replica_acks(settings, STORE_RETRY_S),
+            acks=replica_acks(settings, STORE_RETRY_S),
             on_unreplicated=self._unreplicated,
         )
         self.policy = Policy(

@@ -70,6 +70,7 @@ from worker.store import connection as store
 from worker.store.keys import Keys
 from worker.store.ledger import ENQUEUE_SCRIPT
 from worker.store.messages import list_keys
+from worker.store.replication import replica_acks
 from worker.store.vocabulary import EnqueueRow
 
 log = get_logger("worker.intake")
@@ -197,7 +198,7 @@ class Intake:
             self.client.register_script(ENQUEUE_SCRIPT),
             self.keys,
             self.settings.queue,
-            acks=store.replica_acks(self.settings, self.settings.connect_retry_s),
+            acks=replica_acks(self.settings, self.settings.connect_retry_s),
             retry_s=self.settings.connect_retry_s,
         )
 

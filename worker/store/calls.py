@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 
 import redis
 
+from worker.store.connection import describe_client, translate
+
 T = TypeVar("T")
 
 
@@ -19,6 +21,4 @@ def call(fn: Callable[..., T], *args: Any, on: redis.Redis | None = None, **kwar
     try:
         return fn(*args, **kwargs)
     except redis.RedisError as exc:
-        from worker.store.connection import describe_client, translate  # imported only on failure
-
         raise translate(exc, describe_client(on) if on is not None else None) from exc

@@ -31,7 +31,6 @@ from worker.errors import (
 from worker.settings import Settings, mask_url
 from worker.settings.redis_url import SentinelTarget, is_sentinel, parse_sentinel
 from worker.store import embedded
-from worker.store.replication import ReplicaAcks
 
 T = TypeVar("T")
 
@@ -97,14 +96,6 @@ def resolve_url(settings: Settings) -> str:
     if settings.redis_url:
         return settings.redis_url
     return embedded.ensure_running(settings.home)
-
-
-def replica_acks(settings: Settings, budget_s: float) -> ReplicaAcks:
-    """``redis.min_replicas_ack`` as the ledger takes it; ``budget_s``: how long the caller
-    keeps trying before a shortfall is an error (a producer's ``connect_retry_s``)."""
-    return ReplicaAcks(
-        settings.min_replicas_ack, settings.replica_ack_timeout_s, budget_s=max(0.0, budget_s)
-    )
 
 
 def broker_url(url: str) -> str:

@@ -26,7 +26,9 @@ import redis
 import redis.asyncio
 
 from worker.errors import StoreUnreplicatedError
+from worker.settings import Settings
 from worker.store import calls
+from worker.store.connection import describe_client
 
 # After a finish that too few replicas acknowledged, finishes stop waiting for this long
 # (workers keep delivering while a replica is down; docs/design.md §8).
@@ -46,6 +48,14 @@ class ReplicaAcks:
     def wait(self) -> tuple[str, int, int]:
         # never WAIT n 0: a zero timeout blocks forever
         return ("WAIT", self.replicas, max(1, round(self.timeout_s * 1000)))
+
+
+def replica_acks(settings: Settings, budget_s: float) -> ReplicaAcks:
+    """``redis.min_replicas_ack`` as the ledger takes it; ``budget_s``: how long the caller
+    keeps trying before a shortfall is an error (a producer's ``connect_retry_s``)."""
+    return ReplicaAcks(
+        settings.min_replicas_ack, settings.replica_ack_timeout_s, budget_s=max(0.0, budget_s)
+    )
 
 
 def _pipeline(
@@ -209,8 +219,6 @@ class Waiter:
 
         flags, count = until_acked(flagged, self.acks, merge=either)
         if count < self.acks.replicas:
-            from worker.store.connection import describe_client  # only on failure
-
             where = f" at {describe_client(self.client)}"
             raise shortfall(self.acks, count, where, "could not enqueue")
         return list(flags)
