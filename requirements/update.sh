@@ -25,6 +25,8 @@ compile() {
     --no-emit-package setuptools --custom-compile-command "bash requirements/update.sh" \
     --output-file "requirements/$out" "$@"
 }
-compile runtime.txt --generate-hashes "$@"
-compile test.txt --extra test "$@"
+# one resolution: the widest lock first, the others within it, so that a package any two
+# of them hold is at one version in both
 compile bench.txt --extra test --extra bench "$@"
+compile test.txt --extra test --constraints requirements/bench.txt "$@"
+compile runtime.txt --generate-hashes --constraints requirements/bench.txt "$@"
