@@ -287,7 +287,7 @@ def test_every_metric_named_is_exported(prometheus: PromQL) -> None:
     exports (a misspelt name would parse and quietly show nothing)."""
     exported = prometheus.metric_names()
     texts = [e.expr for e in dashboard_expressions() + rule_expressions()]
-    texts += [v["definition"] for v in dashboard()["templating"]["list"]]
+    texts += [v["query"] for v in dashboard()["templating"]["list"]]
     named = set(re.findall(r"\breport_forwarder_\w+", " ".join(texts)))
     missing = {
         name
@@ -300,8 +300,8 @@ def test_every_metric_named_is_exported(prometheus: PromQL) -> None:
 def test_account_variable_lists_every_configured_account(prometheus: PromQL) -> None:
     """The dashboard's account variable (label_values of a metric) finds both accounts."""
     (variable,) = dashboard()["templating"]["list"]
-    match = re.fullmatch(r"label_values\((\w+), (\w+)\)", variable["definition"])
-    assert match is not None, variable["definition"]
+    match = re.fullmatch(r"label_values\((\w+), (\w+)\)", variable["query"])
+    assert match is not None, variable["query"]
     metric, label = match.groups()
     result = prometheus.query(metric)["data"]["result"]
     assert {"default", "spare"} == {series["metric"][label] for series in result}
