@@ -8,6 +8,7 @@ import contextlib
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from worker.delivery.celery_app import create_app, worker_options
 from worker.delivery.runtime import Runtime
 from worker.observability.health import Liveness, Probes, Readiness, redis_ping
 from worker.observability.metrics import Metrics
-from worker.observability.serving import MAX_CONNECTIONS
+from worker.observability.serving import MAX_CONNECTIONS, MAX_PER_ADDRESS, REQUEST_TIMEOUT_S
 from worker.settings import Account, Settings
 from worker.testing.processes import RedisProcess, WorkerProcesses, free_port
 
@@ -395,3 +396,129 @@ def test_connections_over_the_cap_are_closed_and_the_port_recovers(port_with_pro
     assert json.loads(requests.get(f"http://127.0.0.1:{port_with_probes}/readyz", timeout=5).text)[
         "ready"
     ]
+
+
+class Crowd:
+    """Connections a hostile or broken neighbour holds open on the metrics port from one
+    loopback ``address``: ``idle`` that send nothing and ``slow`` that trickle a request a
+    byte a second; each one the port closes is opened again at the next tick."""
+
+    def __init__(self, port: int, address: str, *, idle: int, slow: int) -> None:
+        self.port = port
+        self.address = address
+        self.sockets: list[tuple[bool, socket.socket | None]] = [(False, None)] * idle
+        self.sockets += [(True, None)] * slow
+        self.sent: dict[int, int] = {}
+        self.dropped = 0  # connections the port closed after holding them
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Crowd:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        for _, sock in self.sockets:
+            if sock is not None:
+                sock.close()
+
+    def _open(self) -> socket.socket | None:
+        try:
+            return socket.create_connection(
+                ("127.0.0.1", self.port), timeout=2, source_address=(self.address, 0)
+            )
+        except OSError:
+            return None
+
+    def _closed(self, sock: socket.socket) -> bool:
+        try:
+            return sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def _tick(self) -> None:
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        for index, (slow, held) in enumerate(self.sockets):
+            sock = held
+            if sock is not None and self._closed(sock):
+                sock.close()
+                sock = None
+                self.dropped += 1
+            if sock is None:
+                sock = self._open()
+                self.sent[index] = 0
+            if sock is not None and slow:
+                sent = self.sent[index]
+                with contextlib.suppress(OSError):
+                    sock.send(request[sent % len(request) : sent % len(request) + 1])
+                self.sent[index] = sent + 1
+            self.sockets[index] = (slow, sock)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self._tick()
+            self.stop.wait(1.0)  # the pace of the trickle, not a synchronisation
+
+
+@pytest.mark.timeout(120)
+def test_probes_answer_beside_idle_and_trickling_connections(port_with_probes: int) -> None:
+    """48 connections held open from four other loopback addresses (40 idle, 8 trickling a
+    request a byte a second, each reopened when the port drops it) leave /healthz and
+    /metrics answering every probe within the kubelet's 3-s timeout, throughout two of the
+    port's request deadlines; and the port does drop the trickling ones."""
+    addresses = [f"127.0.0.{n}" for n in range(2, 6)]
+    crowds = [Crowd(port_with_probes, a, idle=10, slow=2) for a in addresses]
+    failures: list[str] = []
+    probes = 0
+    pace = threading.Event()  # never set: waits pace the probes, as a kubelet's period does
+    with contextlib.ExitStack() as stack:
+        for crowd in crowds:
+            stack.enter_context(crowd)
+        wait_until(lambda: all(s for c in crowds for _, s in c.sockets[:8]), timeout=30)
+        until = time.monotonic() + 2 * REQUEST_TIMEOUT_S + 2
+        while time.monotonic() < until or not all(c.dropped for c in crowds):
+            for path in ("/healthz", "/metrics"):
+                probes += 1
+                try:
+                    response = requests.get(f"http://127.0.0.1:{port_with_probes}{path}", timeout=3)
+                except requests.RequestException as exc:
+                    failures.append(f"{path}: {type(exc).__name__}")
+                    continue
+                if 200 != response.status_code:
+                    failures.append(f"{path}: HTTP {response.status_code}")
+            assert time.monotonic() < until + 30, "the port never dropped a held connection"
+            pace.wait(0.2)
+    assert [] == failures, f"{len(failures)} of {probes} probes failed: {failures[:5]}"
+
+
+@pytest.mark.timeout(60)
+def test_one_address_over_its_cap_is_closed_while_others_are_answered(
+    port_with_probes: int,
+) -> None:
+    """An address holding its cap of idle connections has one more closed at once, while
+    the probe from another address is answered 200."""
+    held = [
+        socket.create_connection(("127.0.0.1", port_with_probes), source_address=("127.0.0.7", 0))
+        for _ in range(MAX_PER_ADDRESS)
+    ]
+    try:
+
+        def refused() -> bool:
+            with socket.create_connection(
+                ("127.0.0.1", port_with_probes), timeout=5, source_address=("127.0.0.7", 0)
+            ) as extra:
+                try:
+                    extra.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+                    return extra.recv(100) == b""
+                except ConnectionResetError:
+                    return True
+
+        wait_until(refused, timeout=REQUEST_TIMEOUT_S / 2)
+        assert answered(port_with_probes, "/healthz", 200, all_ok)
+    finally:
+        for sock in held:
+            sock.close()
