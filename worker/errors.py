@@ -7,12 +7,19 @@
     ├── ReportError                 invalid taskId / captchaType / account -> refused at enqueue
     ├── StoreError                  Redis failed the call (nothing was accepted) -> exit 3
     │   ├── StoreUnreachableError   cannot connect / timed out, after the bounded retries
-    │   ├── StoreFullError          Redis is out of memory (maxmemory, noeviction)
+    │   └── StoreFullError          Redis is out of memory (maxmemory, noeviction)
+    ├── StoreOutcomeUnknownError    the write may have been accepted: retry HERE only -> exit 4
     │   └── StoreUnreplicatedError  fewer replicas than redis.min_replicas_ack had the write
     └── UpstreamError               an answer (or no answer) from the captcha API
         ├── TransientUpstreamError  retry with backoff
+        │   └── ExchangeError       (worker.delivery.upstream) no whole answer: timeout, network
         └── PermanentUpstreamError  dead-letter now
             └── AccountFaultError   ...and pause the whole account
+
+A StoreOutcomeUnknownError is not a StoreError: a StoreError promises that nothing was
+accepted, so a producer may send the report another way; after an unknown outcome the
+report may still be delivered, and only a retry through report-forwarder (which
+deduplicates) is safe. ``except ForwarderError`` catches both.
 
 Messages never contain an API key.
 """
@@ -45,10 +52,20 @@ class StoreFullError(StoreError):
     Scripts write all or nothing, so nothing of the failed call was kept."""
 
 
-class StoreUnreplicatedError(StoreError):
+class StoreOutcomeUnknownError(ForwarderError):
+    """The call may have been accepted: Redis took the write, but not as the promise of
+    success requires. Not a :class:`StoreError` ("nothing was accepted"): the report may
+    still be delivered. Retrying through report-forwarder is safe (it deduplicates: the
+    retry answers ``duplicate`` if the first call was kept); sending the report elsewhere
+    is not (it could be reported twice)."""
+
+
+class StoreUnreplicatedError(StoreOutcomeUnknownError):
     """The primary took the write but fewer than ``redis.min_replicas_ack`` replicas had it
-    in time, so it could be lost in a failover: not reported as done. Retrying is safe (the
-    write is idempotent) and succeeds once the replicas catch up."""
+    in time, so it could be lost in a failover: not reported as done, yet the report may
+    still be delivered (workers take it from the primary). Retrying through
+    report-forwarder is safe (it deduplicates) and succeeds once the replicas catch up;
+    sending it elsewhere is not."""
 
 
 class UpstreamError(ForwarderError):

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import email.utils
 import json
+import re
 import time
 
 import pytest
 from hypothesis import given
 from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
-from tests.key_echo import FLIPS, KEYS, PADS, WHERE, assert_key_absent, echoing_answer
+from tests.key_echo import FLIPS, KEYS, PADS, WHERE, assert_key_absent, echoing_answer, mangle
 from worker.delivery.upstream import (
+    MAX_CODE_CHARS,
     MAX_RETRY_AFTER_S,
+    OTHER,
     Outcome,
     classify,
     parse_retry_after,
@@ -94,11 +98,12 @@ def test_classify_listed_rejected_codes(code: str) -> None:
 
 @pytest.mark.parametrize("code", UNLISTED_CODES)
 def test_classify_other_error_codes_are_rejected(code: str) -> None:
-    """An ``ERROR_*`` code the table does not list is a permanent rejection, not a retry."""
-    outcome = classify(200, api_error(code))
+    """An ``ERROR_*`` code the table does not list is a permanent rejection, not a retry,
+    counted as ``other``; the code itself is kept readable at the head of the detail."""
+    outcome = classify(200, api_error(code, "what it means"))
 
-    assert "rejected" == outcome.status
-    assert code == outcome.error_code
+    assert ("rejected", OTHER) == (outcome.status, outcome.error_code)
+    assert f"{code}: what it means" == outcome.detail
 
 
 def test_classify_error_id_one_without_code_is_rejected() -> None:
@@ -334,6 +339,121 @@ def test_classify_masks_a_case_mangled_echo_of_any_key(
     outcome = classify(status, body, secret=key)
 
     assert_key_absent(outcome.detail, key)
+
+
+# --- classify: whatever the API sends, what it leaves behind is bounded --------------------
+
+# the codes an Outcome may carry for an error answer with no provider mapping
+KNOWN = {*REJECTED_CODES, *ACCOUNT_FAULT_CODES, *TRANSIENT_CODES, "INVALID_JSON", OTHER}
+MAPPED = {"ERROR_PROVIDER_BUSY": "transient", "ERROR_ALREADY_REPORTED": "accepted"}
+# any text: control characters, bidi overrides, lone surrogates (sent JSON-escaped) included
+HOSTILE_TEXT = st.text(
+    st.one_of(st.characters(), st.sampled_from(["\ud800", "\udfff", "\u202e", "\x1b", "\n"]))
+)
+LONG_TEXT = st.builds(lambda s, n: s * n, st.text(min_size=1, max_size=8), st.integers(1, 120_000))
+CODES = st.one_of(
+    st.sampled_from(sorted(KNOWN | set(MAPPED))),
+    st.from_regex(r"[A-Z0-9_]{1,100}", fullmatch=True),
+    HOSTILE_TEXT,
+    LONG_TEXT,
+)
+ERROR_IDS = st.one_of(st.integers(), HOSTILE_TEXT, LONG_TEXT, st.lists(st.integers(), max_size=3))
+
+
+def _embed(text: str, echo: str, at: int) -> str:
+    """``text`` with ``echo`` inserted at ``at`` (modulo its length)."""
+    cut = at % (len(text) + 1)
+    return text[:cut] + echo + text[cut:]
+
+
+@hsettings(deadline=None, max_examples=400)
+@given(
+    key=KEYS,
+    flips=FLIPS,
+    code=CODES,
+    description=st.one_of(HOSTILE_TEXT, LONG_TEXT),
+    error_id=ERROR_IDS,
+    where=st.sampled_from(["errorCode", "errorDescription", "errorId", "raw", "nowhere"]),
+    at=st.integers(0, 1 << 20),
+    http_status=st.integers(100, 599),
+    raw=st.binary(max_size=4096),
+)
+def test_classify_bounds_and_scrubs_whatever_the_api_sends(
+    key: str,
+    flips: list[bool],
+    code: str,
+    description: str,
+    error_id: object,
+    where: str,
+    at: int,
+    http_status: int,
+    raw: bytes,
+) -> None:
+    """Whatever the answer's errorCode, errorDescription and errorId (any length, any
+    characters) or raw bytes, and wherever the key is echoed in them in any letter case,
+    the error code is a known one or ``other``, and the detail is short, printable
+    UTF-8 and free of the key."""
+
+    def answer(echo: str) -> bytes:
+        if where == "raw":
+            cut = at % (len(raw) + 1)
+            return raw[:cut] + echo.encode() + raw[cut:]
+        fields = {"errorId": error_id, "errorCode": code, "errorDescription": description}
+        if where in fields:
+            fields[where] = _embed(str(fields[where]), echo, at)
+        return json.dumps(fields).encode()
+
+    outcome = classify(http_status, answer(mangle(key, flips)), error_codes=MAPPED, secret=key)
+
+    http_code = re.fullmatch(r"HTTP_[1-5][0-9][0-9]", outcome.error_code)
+    assert outcome.error_code in KNOWN | set(MAPPED) | {""} or http_code, outcome.error_code
+    assert len(outcome.detail) <= 400
+    assert outcome.detail.isprintable(), outcome.detail
+    outcome.detail.encode()  # no lone surrogate: it can be written to Redis and logs
+    # the key's first half may be in the answer by chance: then only the whole key is looked for
+    without = classify(http_status, answer(""), error_codes=MAPPED).detail.lower()
+    for text in (outcome.detail, outcome.error_code):
+        if key[: len(key) // 2].lower() in without:
+            assert key.lower() not in text.lower()
+        else:
+            assert_key_absent(text, key)
+
+
+@pytest.mark.parametrize("code", ["ERROR_SOMETHING_NEW", "X" * MAX_CODE_CHARS])
+def test_classify_keeps_a_plausible_unknown_code_readable_in_the_detail(code: str) -> None:
+    """A short ``[A-Z0-9_]`` code the tables do not know is ``other`` as the error code, and
+    kept whole at the head of the detail (where a person reads one report)."""
+    outcome = classify(400, api_error(code, "no such thing"))
+
+    assert ("rejected", OTHER) == (outcome.status, outcome.error_code)
+    assert f"{code}: no such thing" == outcome.detail
+
+
+def test_classify_cuts_a_long_code_and_replaces_unsafe_characters() -> None:
+    """An unknown code longer than ``MAX_CODE_CHARS`` is cut (marked ``...``), and its
+    characters outside ``[A-Za-z0-9_.-]`` are shown as ``?``."""
+    outcome = classify(200, api_error("ERR\x1bOR <b>" + "Z" * 1000))
+
+    shown = outcome.detail
+    assert ("ERR?OR??b?" + "Z" * (MAX_CODE_CHARS - 13) + "...") == shown
+    assert OTHER == outcome.error_code
+
+
+def test_classify_masks_a_key_inside_the_error_code() -> None:
+    """A key the API echoes inside errorCode (upper-cased) is masked in the detail, and the
+    error code is ``other``."""
+    key = "0123abcdef0123abcdef"
+    outcome = classify(200, api_error(f"ERROR_BAD_KEY_{key.upper()}"), secret=key)
+
+    assert (OTHER, "ERROR_BAD_KEY_****") == (outcome.error_code, outcome.detail)
+
+
+def test_classify_error_id_without_code_is_bounded() -> None:
+    """An error answer with no code and a huge errorId is ``other``, its errorId cut short."""
+    outcome = classify(200, json.dumps({"errorId": "9" * 100_000}).encode())
+
+    assert ("rejected", OTHER) == (outcome.status, outcome.error_code)
+    assert "errorId " + "9" * (MAX_CODE_CHARS - 3) + "..." == outcome.detail
 
 
 def test_outcome_is_immutable() -> None:

@@ -18,6 +18,14 @@ A provider profile may map extra codes (``error_codes`` in providers.toml). The 
 is scrubbed from every error text this module builds, in any letter case and before any
 text is cut short, even when a server echoes the request (or the key upper-cased) back.
 
+Nothing the API sends is taken as sent (docs/design.md §1.1). An Outcome's ``error_code``
+(a metric label, a stats field, a dead letter's code) is one of a bounded set: a code of
+the table above or of the provider's ``error_codes``, one of ours (``HTTP_<status>``,
+``INVALID_JSON``, ``TIMEOUT``, ``CONNECTION_ERROR``) or ``other``. The API's own code is
+shown only at the head of ``detail``: scrubbed, characters outside ``[A-Za-z0-9_.-]`` as
+``?``, at most ``MAX_CODE_CHARS``; its description follows, scrubbed, unprintable
+characters escaped, at most 300 characters.
+
 The client is libcurl, through pycurl (chosen by benchmark, bench/README.md: a sixth of
 urllib3's CPU per POST, and the exchange itself — sending, waiting, parsing the answer —
 runs in C without the GIL, so a worker's threads do not queue for it): keep-alive
@@ -47,6 +55,8 @@ import certifi
 import pycurl
 import requests.utils
 
+from worker.errors import TransientUpstreamError
+
 Status = Literal["accepted", "rejected", "account_fault", "transient"]
 
 ACCOUNT_FAULT_CODES = frozenset(
@@ -61,8 +71,23 @@ ACCOUNT_FAULT_CODES = frozenset(
 TRANSIENT_CODES = frozenset(
     {"ERROR_TOO_MUCH_REQUESTS", "ERROR_NO_SLOT_AVAILABLE", "CAPTCHA_NOT_READY"}
 )
+REJECTED_CODES = frozenset(
+    {
+        "ERROR_NO_SUCH_CAPCHA_ID",
+        "WRONG_CAPTCHA_ID",
+        "ERROR_NO_SUCH_METHOD",
+        "ERROR_CAPTCHA_UNSOLVABLE",
+    }
+)
 MAX_RETRY_AFTER_S = 3600.0
 MASK = "****"
+# An Outcome's error_code (a metric label, a stats field, a dead letter's error_code) is
+# one of a bounded set: a code of the tables above or of the provider's error_codes, one we
+# make (HTTP_<status>, INVALID_JSON, TIMEOUT, CONNECTION_ERROR), or OTHER. The API's own
+# code, cut to MAX_CODE_CHARS and scrubbed, is kept at the head of the detail only.
+OTHER = "other"
+MAX_CODE_CHARS = 64
+_CODE_UNSAFE = re.compile(r"[^A-Za-z0-9_.*-]")  # "*": the mask's own letter
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,11 +203,13 @@ def _scheme(url: str) -> str:
     return scheme.lower() if sep else ""
 
 
-class ExchangeError(Exception):
-    """No whole answer: the request could not be made, or its answer broke off."""
+class ExchangeError(TransientUpstreamError):
+    """No whole answer: the request could not be made, or its answer broke off (error code
+    ``TIMEOUT`` or ``CONNECTION_ERROR``; :func:`send_report` turns it into a transient
+    Outcome); raised by :meth:`Client.post`."""
 
     def __init__(self, detail: str, *, timeout: bool = False) -> None:
-        super().__init__(detail)
+        super().__init__(detail, error_code="TIMEOUT" if timeout else "CONNECTION_ERROR")
         self.timeout = timeout
 
     @classmethod
@@ -251,9 +278,8 @@ def send_report(
             url, body, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s
         )
     except ExchangeError as exc:
-        code = "TIMEOUT" if exc.timeout else "CONNECTION_ERROR"
         detail = _excerpt(str(exc), 300, client_key)
-        return Outcome("transient", None, code, detail, None, _since(started))
+        return Outcome("transient", None, exc.error_code or "", detail, None, _since(started))
     outcome = classify(status, content or b"", _retry_after(head), error_codes, secret=client_key)
     detail = outcome.detail
     if content is None:  # classified as an answer that is not the API's JSON
@@ -309,17 +335,43 @@ def classify(
     error_id = body.get("errorId")
     if error_id in (0, "0"):
         return Outcome("accepted", http_status)
-    code = str(body.get("errorCode") or "")
+    raw = body.get("errorCode")
+    code = (
+        raw
+        if isinstance(raw, str)
+        else str(raw)[: _room(MAX_CODE_CHARS + 1, secret)]
+        if raw
+        else ""
+    )
     description = _excerpt(str(body.get("errorDescription") or ""), 300, secret)
-    detail = scrub(f"{code or 'errorId ' + str(error_id)}: {description}".rstrip(": "), secret)
+    shown = _shown_code(code, secret) if code else "errorId " + _shown_code(str(error_id), secret)
+    detail = scrub(f"{shown}: {description}".rstrip(": "), secret)
     mapped = (error_codes or {}).get(code)
     if mapped in ("accepted", "rejected", "account_fault", "transient"):
         return Outcome(mapped, http_status, code, detail, retry_after)  # type: ignore[arg-type]
     if code in ACCOUNT_FAULT_CODES:
         return Outcome("account_fault", http_status, code, detail, retry_after)
     if code in TRANSIENT_CODES or (busy and not code):
-        return Outcome("transient", http_status, code or f"HTTP_{http_status}", detail, retry_after)
-    return Outcome("rejected", http_status, code or f"ERROR_ID_{error_id}", detail, retry_after)
+        label = code or _http_code(http_status)
+        return Outcome("transient", http_status, label, detail, retry_after)
+    label = code if code in REJECTED_CODES else OTHER
+    return Outcome("rejected", http_status, label, detail, retry_after)
+
+
+def _http_code(http_status: int) -> str:
+    """Our code for an answer that named none: HTTP_<status> (one of 500 values)."""
+    return f"HTTP_{http_status}" if 100 <= http_status <= 599 else OTHER
+
+
+def _shown_code(code: str, secret: str) -> str:
+    """``code`` as a person may read it: the key masked; every character outside
+    ``[A-Za-z0-9_.-]`` (and the mask's ``*``) shown as ``?``, replaced, not dropped (a key
+    sent with a character between each of its own would otherwise come back whole); at
+    most ``MAX_CODE_CHARS``, ``...`` marking a cut."""
+    text = scrub(
+        _CODE_UNSAFE.sub("?", scrub(code[: _room(MAX_CODE_CHARS + 1, secret)], secret)), secret
+    )
+    return text if len(text) <= MAX_CODE_CHARS else text[: MAX_CODE_CHARS - 3] + "..."
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -352,8 +404,16 @@ def _room(limit: int, secret: str) -> int:
 
 def _excerpt(text: str, limit: int, secret: str) -> str:
     """The first ``limit`` characters of ``text``, the key masked before the cut (so a key
-    that straddles the cut does not leave its first part behind)."""
-    return scrub(text[: _room(limit, secret)], secret)[:limit]
+    that straddles the cut does not leave its first part behind), every character that is
+    not printable (control, bidi override, lone surrogate...) shown as its escape."""
+    return scrub(_printable(scrub(text[: _room(limit, secret)], secret)), secret)[:limit]
+
+
+def _printable(text: str) -> str:
+    """``text`` with each unprintable character as its backslash escape (``\\x1b``)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def scrub(text: str, secret: str) -> str:
