@@ -130,7 +130,7 @@ def redis_errors_translated(url: str) -> Iterator[None]:
     "--config",
     "config_path",
     envvar="REPORT_FORWARDER_CONFIG",
-    type=click.Path(dir_okay=False),
+    type=click.Path(),  # what it must be, the settings loader checks (one line, exit 2)
     help="TOML file merged over the built-in defaults.",
 )
 @click.version_option(__version__, prog_name="report-forwarder")

@@ -12,6 +12,7 @@ import difflib
 import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from importlib import resources
@@ -37,6 +38,7 @@ ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MIN_BACKOFF_S = 2.0  # CapMonster asks clients to wait at least 2 s between calls
 MAX_CONCURRENCY = 1024  # threads per worker process, in the file as on the command line
 MAX_NUMBER = 1e9  # no setting means anything beyond this (31 years, a billion entries)
+MAX_CONFIG_BYTES = 1 << 20  # the checked-in files are under 10 KB together
 
 # Keys a file may set besides those in the checked-in defaults (documented there, commented
 # out because their default lives in code).
@@ -90,23 +92,58 @@ def load_settings(
 
 
 def _read_config(file: str | os.PathLike[str]) -> str:
-    """The text of the config file, or ConfigError naming it and what is wrong."""
-    shown = repr(str(file))
+    """The text of the config file, or ConfigError naming it, what is wrong and what is
+    accepted: a regular file of at most MAX_CONFIG_BYTES, opened without blocking (a FIFO
+    with no writer, a terminal) and checked after opening, so /dev/zero, /dev/urandom, a
+    FIFO or a directory is one line, not a hang, a memory blow-up or a traceback."""
+    shown = f"config file {str(file)!r}"
+    accepted = f"a regular file of UTF-8 TOML text, at most {MAX_CONFIG_BYTES >> 20} MiB"
     try:
-        data = Path(file).read_bytes()
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
     except OSError as exc:
-        raise ConfigError(
-            f"REPORT_FORWARDER_CONFIG = {shown}: cannot read it ({exc.strerror or exc})"
-        ) from exc
+        raise ConfigError(f"{shown}: cannot read it ({exc.strerror or exc})") from exc
     except ValueError as exc:  # an embedded NUL
-        raise ConfigError(f"REPORT_FORWARDER_CONFIG = {shown}: not a usable path ({exc})") from exc
+        raise ConfigError(f"{shown}: not a usable path ({exc})") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ConfigError(
+                f"{shown}: {_file_kind(mode)}, not a regular file; expected {accepted}"
+            )
+        chunks, size = [], 0
+        while size <= MAX_CONFIG_BYTES:  # the size as read, not as stat says (it may grow)
+            chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise ConfigError(f"{shown}: cannot read it ({exc.strerror or exc})") from exc
+    finally:
+        os.close(fd)
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{shown}: larger than {MAX_CONFIG_BYTES >> 20} MiB; expected {accepted}")
+    data = b"".join(chunks)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(
-            f"REPORT_FORWARDER_CONFIG = {shown}: not UTF-8 text (byte 0x{data[exc.start]:02x} at "
-            f"offset {exc.start}); TOML files are UTF-8"
+            f"{shown}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "TOML files are UTF-8"
         ) from exc
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 def _schema(docs: Any) -> dict[str, set[str]]:
@@ -168,6 +205,11 @@ def _parse_toml(text: str, where: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: not valid TOML: {exc}") from exc
+    except RecursionError as exc:  # tomllib recurses once per level of arrays and tables
+        raise ConfigError(
+            f"{where}: arrays or inline tables nested too deeply; expected a config file "
+            "nested a few levels deep"
+        ) from exc
 
 
 def _merge(into: dict[str, Any], other: Mapping[str, Any]) -> None:
@@ -246,7 +288,7 @@ def _build(
     for section, table in (("types", types_table), ("families", families)):
         for key, value in table.items():
             if not isinstance(value, str):
-                raise ConfigError(f"{section}.{key} = {value!r}: expected a string")
+                raise ConfigError(f"{section}.{key} = {abbreviate(value)}: expected a string")
     captcha_types = CaptchaTypes(types_table, families)
 
     report_deadline_s = r.number("delivery.report_deadline_s", minimum=1)

@@ -10,4 +10,6 @@ def abbreviate(value: object, limit: int = 80) -> str:
         text = repr(value)
     except ValueError:  # an int beyond Python's digit limit for str()
         return f"<an integer of {value.bit_length() if isinstance(value, int) else '?'} bits>"
+    except RecursionError:  # lists or tables nested beyond the interpreter's stack
+        return f"<a {type(value).__name__} nested too deeply to quote>"
     return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
