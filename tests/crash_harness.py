@@ -42,7 +42,7 @@ from typing import Any
 
 import redis
 
-from worker.errors import StoreError, StoreFullError
+from worker.errors import StoreError, StoreFullError, StoreOutcomeUnknownError
 from worker.producer import Producer
 from worker.settings import Settings, load_settings
 from worker.store.keys import Keys, split_ref
@@ -193,7 +193,7 @@ class _Run:
                 except StoreFullError:
                     self.refused_full += 1
                     time.sleep(0.2)
-                except StoreError:
+                except (StoreError, StoreOutcomeUnknownError):  # retried here: safe
                     self.result.producer_errors += 1
                     time.sleep(0.2)
                 finally:

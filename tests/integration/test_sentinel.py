@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from worker.errors import StoreError, StoreUnreplicatedError
+from worker.errors import StoreError, StoreOutcomeUnknownError, StoreUnreplicatedError
 from worker.intake import Intake
 from worker.producer import Producer
 from worker.settings import load_settings
@@ -79,12 +79,14 @@ def test_check_config_names_the_sentinels_and_the_current_primary(
     assert "sentinel-secret-2" not in run.stdout + run.stderr
 
 
-def test_with_min_replicas_ack_an_enqueue_fails_clearly_without_a_replica_and_succeeds_with_it(
+def test_with_min_replicas_ack_an_enqueue_without_a_replica_is_an_unknown_outcome_then_succeeds(
     env: dict[str, str], cluster: SentinelCluster, tmp_path: Path
 ) -> None:
-    """Replica stopped: the Python API raises StoreUnreplicatedError after its bounded wait,
-    the CLI exits 3 naming min_replicas_ack, the intake answers 503 — never "queued".
-    Replica back: the same calls succeed."""
+    """Replica stopped: the Python API raises StoreUnreplicatedError (an outcome-unknown
+    error, not a StoreError) after its bounded wait, the CLI exits 4 naming
+    min_replicas_ack, the intake answers 503 ERROR_OUTCOME_UNKNOWN with Retry-After saying
+    a retry here is safe (bulk: which items) — never "queued", never "not accepted".
+    Replica back: the same calls succeed, and the unconfirmed reports are duplicates."""
     environ = _env(
         env,
         cluster,
@@ -102,11 +104,16 @@ def test_with_min_replicas_ack_an_enqueue_fails_clearly_without_a_replica_and_su
     with pytest.raises(StoreUnreplicatedError, match=r"min_replicas_ack = 1") as caught:
         producer.enqueue(502, "image")
     waited = time.monotonic() - began
+    assert isinstance(caught.value, StoreOutcomeUnknownError)
+    assert not isinstance(caught.value, StoreError)
     assert "0 of 1 replica" in str(caught.value)
-    assert waited >= 1.0  # it waited its bounded time (connect_retry_s) before refusing
+    assert "retrying through report-forwarder is safe" in str(caught.value).lower()
+    assert waited >= 1.0  # it waited its bounded time (connect_retry_s) before answering
     cli = run_cli(environ, "enqueue", "503", "image")
-    assert cli.returncode == 3, cli.stdout + cli.stderr
+    assert cli.returncode == 4, cli.stdout + cli.stderr
     assert "min_replicas_ack" in cli.stderr
+    assert "may still be delivered" in cli.stderr
+    assert 1 == len(cli.stderr.strip().splitlines())
     with Server(Intake(settings, settings.redis_url, environ=environ)) as server:
         answer = requests.post(
             f"{server.url}/reportIncorrectImageCaptcha",
@@ -114,6 +121,24 @@ def test_with_min_replicas_ack_an_enqueue_fails_clearly_without_a_replica_and_su
             timeout=30,
         )
         assert answer.status_code == 503, answer.text
+        assert answer.headers["retry-after"] == "1"
+        assert (1, "ERROR_OUTCOME_UNKNOWN") == (
+            answer.json()["errorId"],
+            answer.json()["errorCode"],
+        )
+        assert "retrying here is safe" in answer.json()["errorDescription"].lower()
+        # 1,001 valid reports (item 1 is refused): a first chunk of 1,000, then one more
+        items = [
+            {"taskId": -1 if i == 1 else 2000 + i, "captchaType": "image"} for i in range(1002)
+        ]
+        bulk = requests.post(f"{server.url}/v1/reports", json=items, timeout=30)
+        assert bulk.status_code == 503, bulk.text[:300]
+        assert bulk.headers["retry-after"] == "1"
+        doc = bulk.json()
+        assert "ERROR_OUTCOME_UNKNOWN" == doc["errorCode"]
+        assert [0, *range(2, 1001)] == doc["unconfirmed"]  # may be queued
+        assert ([1001], 0) == (doc["not_queued"], doc["queued"])  # not tried
+        assert [1] == [item["index"] for item in doc["refused"]]
 
         replica.start()
         wait_until(lambda: cluster.in_sync(replica), timeout=60)
@@ -124,10 +149,52 @@ def test_with_min_replicas_ack_an_enqueue_fails_clearly_without_a_replica_and_su
         )
         assert answer.status_code == 200, answer.text
         assert answer.json()["errorId"] == 0
+        again = requests.post(f"{server.url}/v1/reports", json=items, timeout=30)
+        assert again.status_code == 200, again.text[:300]
+        assert (1, 1000) == (again.json()["queued"], again.json()["duplicates"])
     assert producer.enqueue(506, "image") == "queued"
-    # the refused call's write was on the primary all along: a retry finds it queued
+    # the unconfirmed calls' writes were on the primary all along: a retry finds them queued
     assert producer.enqueue(502, "image") == "duplicate"
+    assert producer.enqueue_many([(503, "image"), (504, "image")]).duplicates == 2
     assert run_cli(environ, "enqueue", "507", "image").returncode == 0
+    producer.client.close()
+
+
+def test_an_unconfirmed_enqueue_is_delivered_once_and_a_retry_here_is_a_duplicate(
+    env: dict[str, str], cluster: SentinelCluster, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """With min_replicas_ack = 1 and the replica stopped, an enqueue fails with an
+    outcome-unknown error that is not a StoreError ("nothing was accepted"): the report
+    is delivered all the same, once, and retried through report-forwarder once the
+    replica is back it is a `duplicate`, never sent a second time."""
+    environ = _env(
+        env,
+        cluster,
+        tmp_path,
+        REPORT_FORWARDER_MIN_REPLICAS_ACK="1",
+        REPORT_FORWARDER_CONNECT_RETRY_S="1",
+    )
+    settings = load_settings(environ=environ)
+    producer = Producer(settings)
+    replica = cluster.nodes[1]
+    replica.stop()
+    with pytest.raises(StoreOutcomeUnknownError) as caught:
+        producer.enqueue(601, "image")
+    assert not isinstance(caught.value, StoreError)  # StoreError: "nothing was accepted"
+    workers = WorkerProcesses(cli_env(environ), tmp_path / "logs", concurrency=2)
+    workers.spawn()
+    try:
+        wait_until(lambda: sandbox.count(task_id=601, success=True) == 1, timeout=60)
+        replica.start()
+        wait_until(lambda: cluster.in_sync(replica), timeout=60)
+        assert producer.enqueue(601, "image") == "duplicate"
+        assert producer.enqueue(602, "image") == "queued"  # queued after the retry
+        wait_until(lambda: sandbox.count(task_id=602, success=True) == 1, timeout=60)
+        npending = Keys(settings.key_prefix).npending
+        wait_until(lambda: int(producer.client.get(npending) or 0) == 0, timeout=60)
+    finally:
+        workers.stop_all()
+    assert 1 == sandbox.count(task_id=601)  # nothing left that could send it again
     producer.client.close()
 
 
@@ -171,7 +238,7 @@ def test_producers_workers_and_commands_ride_through_a_failover_without_a_restar
             batch = list(range(task_id, task_id + 20))
             try:
                 result = producer.enqueue_many([(t, "image") for t in batch])
-            except StoreError:
+            except (StoreError, StoreOutcomeUnknownError):  # the same batch again: safe
                 continue
             assert result.queued + result.duplicates == len(batch)
             assert not result.refused

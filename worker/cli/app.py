@@ -4,9 +4,11 @@ environment variable named ``REPORT_FORWARDER_<COMMAND>_<OPTION>`` (click's
 auto_envvar_prefix).
 
 Exit status: 0 success · 1 some input refused, or nothing matched · 2 bad configuration or
-usage · 3 Redis unreachable. Errors are one line on stderr naming what was wrong and what
-is accepted — never a traceback. Commands raise the project's errors (or let redis-py's
-through); only :class:`_Group` turns them into a line and a status.
+usage · 3 Redis unreachable (nothing was accepted) · 4 outcome unknown: the report may be
+queued (too few replicas confirmed it), retrying here is safe. Errors are one line on
+stderr naming what was wrong and what is accepted — never a traceback. Commands raise the
+project's errors (or let redis-py's through); only :class:`_Group` turns them into a line
+and a status.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ import click
 import redis
 
 from worker import __version__
-from worker.errors import ConfigError, ForwarderError, StoreError
+from worker.errors import ConfigError, ForwarderError, StoreError, StoreOutcomeUnknownError
 from worker.observability.logs import configure as configure_logging
 from worker.producer import Producer
 from worker.settings import Settings, load_settings
 from worker.store import connection as store
 
 EXIT_REFUSED, EXIT_CONFIG, EXIT_REDIS = 1, 2, 3
+# may be queued (StoreOutcomeUnknownError): retry through report-forwarder, never elsewhere
+EXIT_OUTCOME_UNKNOWN = 4
 
 
 class State:
@@ -88,12 +92,15 @@ def _exit_code(exc: ForwarderError) -> int:
         return EXIT_CONFIG
     if isinstance(exc, StoreError):
         return EXIT_REDIS
+    if isinstance(exc, StoreOutcomeUnknownError):
+        return EXIT_OUTCOME_UNKNOWN
     return EXIT_REFUSED  # a refused report, an unknown id, nothing matched
 
 
 class _Group(click.Group):
     """The one place errors become one line on stderr and an exit status: ConfigError 2,
-    StoreError (Redis unreachable, full or failing) 3, ReportError and the rest 1. A
+    StoreError (Redis unreachable, full or failing) 3, StoreOutcomeUnknownError (may be
+    queued) 4, ReportError and the rest 1. A
     redis-py exception is translated here (store.translate), naming the Redis tried."""
 
     def invoke(self, ctx: click.Context) -> Any:

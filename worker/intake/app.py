@@ -40,7 +40,7 @@ import redis
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from worker.errors import ReportError, StoreError
+from worker.errors import ReportError, StoreError, StoreOutcomeUnknownError
 from worker.intake.batching import Batcher, ClientLimiter
 from worker.intake.input import (
     ClientGoneError,
@@ -104,6 +104,23 @@ _UNAVAILABLE = (
     b'{"errorId":1,"errorCode":"ERROR_SERVICE_UNAVAILABLE",'
     b'"errorDescription":"the queue is unreachable; retry shortly"}'
 )
+# A StoreOutcomeUnknownError (too few replicas confirmed the enqueue): the report is on the
+# primary and may be delivered, so the answer is "retry here", never "not accepted"
+UNCONFIRMED_CODE = "ERROR_OUTCOME_UNKNOWN"
+UNCONFIRMED = (
+    "the report may be queued: the queue's primary has it, but fewer replicas than "
+    "redis.min_replicas_ack confirmed it in time. Retrying here is safe (report-forwarder "
+    "deduplicates: it is not sent twice); sending it elsewhere is not"
+)
+UNCONFIRMED_BULK = (
+    "the reports listed in unconfirmed may be queued (the queue's primary has them, but "
+    "fewer replicas than redis.min_replicas_ack confirmed them in time); those in "
+    "not_queued were not tried. Retrying them, or the whole request, here is safe "
+    "(report-forwarder deduplicates); sending the unconfirmed ones elsewhere is not"
+)
+_UNCONFIRMED = json.dumps(
+    {"errorId": 1, "errorCode": UNCONFIRMED_CODE, "errorDescription": UNCONFIRMED}
+).encode()
 
 
 class Intake:
@@ -164,6 +181,9 @@ class Intake:
         except (redis.RedisError, StoreError, OSError, TimeoutError) as exc:
             log.warning("intake.redis_failed", error=f"{type(exc).__name__}: {exc}")
             status, ctype, body = 503, b"application/json", _UNAVAILABLE
+        except StoreOutcomeUnknownError as exc:  # may be queued: retrying here is safe
+            log.warning("intake.unconfirmed", route=route, error=str(exc))
+            status, ctype, body = 503, b"application/json", _UNCONFIRMED
         except ClientGoneError:
             self.requests.labels(route, "gone").inc()
             return
@@ -172,7 +192,7 @@ class Intake:
             status, ctype, body = 500, b"application/json", _INTERNAL
         self.requests.labels(route, str(status)).inc()
         headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]
-        if status == 429:
+        if status in (429, 503):
             headers.append((b"retry-after", b"1"))
         elif status == 401:
             headers.append((b"www-authenticate", b'Bearer realm="report-forwarder"'))
@@ -229,7 +249,7 @@ class Intake:
         if path == "/v1/reports":
             _require(method, "POST")
             body = await read_body(scope, receive, MAX_BULK_BYTES)
-            return 200, await self._bulk(body), b"application/json"
+            return *await self._bulk(body), b"application/json"
         if path == "/v1/stats":
             _require(method, "GET")
             return 200, json.dumps(await self._stats()).encode(), b"application/json"
@@ -260,8 +280,12 @@ class Intake:
             await self.batcher.submit([row])
         return _SUCCESS
 
-    async def _bulk(self, body: bytes) -> bytes:
+    async def _bulk(self, body: bytes) -> tuple[int, bytes]:
+        """(status, answer): 200, or 503 when too few replicas confirmed a chunk — the
+        answer then names the items that may be queued (``unconfirmed``) and those not
+        tried (``not_queued``); retrying them, or the whole request, here is safe."""
         rows: list[EnqueueRow] = []
+        indexes: list[int] = []  # each row's index in the request
         refused: list[dict[str, Any]] = []
         reasons: Tally[str] = Tally()
         for index, item in enumerate(bulk_items(body, MAX_BULK_ITEMS)):
@@ -269,23 +293,32 @@ class Intake:
                 if isinstance(item, ItemRefusal):
                     raise item
                 rows.append(bulk_row(self.settings, item))
+                indexes.append(index)
             except ItemRefusal as refusal:
                 reasons[refusal.reason.value] += 1
                 if len(refused) < MAX_REFUSALS_LISTED:
                     refused.append({"index": index, "error": refusal.error})
         flags: list[int] = []
+        status, doc = 200, dict[str, Any]()
         assert self.batcher is not None
         for start in range(0, len(rows), BATCH):  # bounded script calls for big bodies
-            flags += await self.batcher.submit(rows[start : start + BATCH])
+            try:
+                flags += await self.batcher.submit(rows[start : start + BATCH])
+            except StoreOutcomeUnknownError as exc:
+                log.warning("intake.unconfirmed", route="/v1/reports", error=str(exc))
+                status, doc = 503, {"errorId": 1, "errorCode": UNCONFIRMED_CODE}
+                doc["errorDescription"] = UNCONFIRMED_BULK
+                doc["unconfirmed"] = indexes[start : start + BATCH]
+                doc["not_queued"] = indexes[start + BATCH :]
+                break
         queued = sum(flags)
-        doc: dict[str, Any] = {"queued": queued, "duplicates": len(flags) - queued}
-        doc["refused"] = refused
+        doc |= {"queued": queued, "duplicates": len(flags) - queued, "refused": refused}
         if reasons:  # the first MAX_REFUSALS_LISTED are listed; these count them all
             doc["refused_total"] = reasons.total()
             doc["refused_by_reason"] = dict(reasons)
         if Reason.UNKNOWN_CAPTCHA_TYPE.value in reasons:  # the names, once per answer
             doc["accepted_captcha_types"] = self.settings.captcha_types.names
-        return json.dumps(doc).encode()
+        return status, json.dumps(doc).encode()
 
     async def _health(self) -> tuple[int, bytes, bytes]:
         assert self.client is not None

@@ -118,12 +118,14 @@ async def run_once_async(
 
 
 def shortfall(acks: ReplicaAcks, count: int, where: str, doing: str) -> StoreUnreplicatedError:
-    """The error for a write that fewer than ``acks.replicas`` replicas acknowledged."""
+    """The error for a write that fewer than ``acks.replicas`` replicas acknowledged: the
+    primary has it, so it may still be delivered (an unknown outcome, not a failure)."""
     return StoreUnreplicatedError(
         f"{doing}: the write reached the Redis primary{where} but only {count} of "
         f"{acks.replicas} replica(s) acknowledged it within {acks.budget_s:g} s "
-        f"(redis.min_replicas_ack = {acks.replicas}); it could be lost in a failover, so it "
-        "is not reported as done. Retry; check the replicas (INFO replication)"
+        f"(redis.min_replicas_ack = {acks.replicas}), so it could be lost in a failover; it "
+        "may still be delivered. Retrying through report-forwarder is safe (it "
+        "deduplicates), sending it elsewhere is not; check the replicas (INFO replication)"
     )
 
 
@@ -163,7 +165,7 @@ async def enqueue_acked_async(
 ) -> list[int]:
     """The intake's enqueue: :func:`run_once_async` until ``acks.replicas`` replicas have
     it or ``budget_s`` has passed (flags merged by :func:`either`); StoreUnreplicatedError
-    after that."""
+    (an unknown outcome: the primary has the write) after that."""
     deadline = time.monotonic() + budget_s
     reply, count = await run_once_async(client, script, (), args, marker=marker, acks=acks)
     flags = parse(reply)
@@ -174,7 +176,7 @@ async def enqueue_acked_async(
         reply, count = await run_once_async(client, script, (), args, marker=marker, acks=acks)
         flags = either(flags, parse(reply))
     if count < acks.replicas:
-        raise shortfall(acks, count, "", "could not enqueue")
+        raise shortfall(acks, count, "", "enqueue not confirmed")
     return flags
 
 
@@ -220,7 +222,7 @@ class Waiter:
         flags, count = until_acked(flagged, self.acks, merge=either)
         if count < self.acks.replicas:
             where = f" at {describe_client(self.client)}"
-            raise shortfall(self.acks, count, where, "could not enqueue")
+            raise shortfall(self.acks, count, where, "enqueue not confirmed")
         return list(flags)
 
     def finish(self, script: Any, args: Sequence[Any], keys: Sequence[str]) -> Any:
