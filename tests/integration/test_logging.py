@@ -98,7 +98,7 @@ def test_every_documented_event_is_produced(
             wait_until(lambda: sandbox.count(task_id=60) == 1)
         unreachable = redis.Redis(port=1, socket_connect_timeout=1)  # no retries: fail fast
         broken = Runtime(settings, "redis://127.0.0.1:1/0", environ, client=unreachable)
-        Sweeper(broken).run_once()
+        Sweeper(broken.sweep_once, settings.sweep_interval_s).run_once()
         broken.client.close()
     config = tmp_path / "w.toml"
     config.write_text(FAST_RECOVERY)

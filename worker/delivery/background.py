@@ -7,17 +7,14 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sized
 
 from worker.errors import StoreError
+from worker.observability.health import Liveness
 from worker.observability.logs import get_logger
 from worker.store.keys import split_ref
 from worker.store.ledger import HEARTBEAT_S, SweepEvent
 from worker.store.vocabulary import Reason
-
-if TYPE_CHECKING:
-    from worker.delivery.runtime import Runtime
 
 log = get_logger("worker.runtime")
 
@@ -123,37 +120,40 @@ class _Periodic(threading.Thread):
 
 
 class Heartbeat(_Periodic):
-    """Beats every ``HEARTBEAT_S`` (docs/design.md §4.1); marks the runtime's liveness
-    when it starts and before and after each beat (docs/design.md §4.4)."""
+    """Calls ``beat`` (the runtime's one heartbeat) every ``HEARTBEAT_S`` (docs/design.md
+    §4.1); marks ``liveness`` when it starts and before and after each beat (docs/design.md
+    §4.4)."""
 
     event = "worker.heartbeat_failed"
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, beat: Callable[[], object], liveness: Liveness) -> None:
         super().__init__("report-forwarder-heartbeat", HEARTBEAT_S)
-        self.runtime = runtime
+        self.beat = beat
+        self.liveness = liveness
 
     def run(self) -> None:
-        self.runtime.liveness.heartbeat_ticked()
+        self.liveness.heartbeat_ticked()
         super().run()
 
     def tick(self) -> int:
-        self.runtime.liveness.heartbeat_ticked()
+        self.liveness.heartbeat_ticked()
         try:
-            self.runtime.beat_once()
+            self.beat()
         finally:
-            self.runtime.liveness.heartbeat_ticked()
+            self.liveness.heartbeat_ticked()
         return 0
 
 
 class Sweeper(_Periodic):
-    """Runs the ledger sweep every ``sweep_interval_s`` in each worker process. The sweep is
-    one atomic script, so any number of sweepers on any number of hosts is safe."""
+    """Calls ``sweep`` (the runtime's ledger sweep, which returns its events) every
+    ``interval_s`` (``sweep_interval_s``) in each worker process. The sweep is one atomic
+    script, so any number of sweepers on any number of hosts is safe."""
 
     event = "sweeper.failed"
 
-    def __init__(self, runtime: Runtime) -> None:
-        super().__init__("report-forwarder-sweeper", runtime.settings.sweep_interval_s)
-        self.runtime = runtime
+    def __init__(self, sweep: Callable[[], Sized], interval_s: float) -> None:
+        super().__init__("report-forwarder-sweeper", interval_s)
+        self.sweep = sweep
 
     def tick(self) -> int:
-        return len(self.runtime.sweep_once())
+        return len(self.sweep())

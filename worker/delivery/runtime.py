@@ -143,9 +143,9 @@ class Runtime(ReportSteps):
             self.beat_once()
         except StoreError as exc:  # Redis not there yet: the heartbeat thread keeps trying
             log.warning("worker.heartbeat_failed", error=str(exc))
-        self._heartbeat = Heartbeat(self)
+        self._heartbeat = Heartbeat(self.beat_once, self.liveness)
         self._heartbeat.start()
-        self._sweeper = Sweeper(self)
+        self._sweeper = Sweeper(self.sweep_once, self.settings.sweep_interval_s)
         self._sweeper.start()
 
     def begin_shutdown(self) -> None:
