@@ -10,23 +10,39 @@ Every path under ``/_sandbox/`` is a control call, never a report, and is not lo
     GET    /_sandbox/stats      counts by path and by outcome
 
 A bad body is answered 400 with the reason, an unknown call 404, both as ``{"error": ...}``.
+What a call does is :class:`Controlled`'s, which :class:`~.sandbox.Sandbox` is.
 """
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Any, Protocol
 
-from worker.testing.sandbox_rules import rule_from_json
+from worker.testing.sandbox_rules import Rule, rule_from_json
 from worker.testing.sandbox_server import Answer, json_answer
-
-if TYPE_CHECKING:
-    from worker.testing.sandbox import Sandbox
 
 PREFIX = "/_sandbox/"
 
 
-def control(sandbox: Sandbox, method: str, path: str, body: bytes) -> Answer:
+class Logged(Protocol):
+    """One entry of a sandbox's request log."""
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+class Controlled(Protocol):
+    """What the control calls script: a :class:`~.sandbox.Sandbox`."""
+
+    def add_rule(self, rule: Rule) -> None: ...
+    def clear_rules(self) -> None: ...
+    def set_latency(self, ms: float) -> None: ...
+    def reset(self) -> None: ...
+    def requests(self) -> Sequence[Logged]: ...
+    def stats(self) -> dict[str, Any]: ...
+
+
+def control(sandbox: Controlled, method: str, path: str, body: bytes) -> Answer:
     """Carry out the control call ``method path`` on ``sandbox``; the answer says how it went."""
     ok = json_answer(200, {"ok": True})
     try:
