@@ -1,7 +1,8 @@
 """The layers of worker/, read from the source with ``ast`` (imports inside functions
-included): every import goes down the ranks below, no two layers import each other, no
-module imports itself back at import time, and redis-py's exceptions are named in
-worker/store only (each layer's ``__init__`` docstring says what it owns and may import).
+and under ``if TYPE_CHECKING:`` included): every import goes down the ranks below, no two
+layers import each other, no module imports itself back (so every folder reads top-down),
+and redis-py's exceptions are named in worker/store only (each layer's ``__init__``
+docstring says what it owns and may import).
 
 A case the code breaks today is listed in an allow-list below with its reason; an entry
 that no longer occurs fails the test too, so the list shrinks as the code is fixed.
@@ -72,9 +73,6 @@ ALLOWED_REDIS_ERRORS: dict[tuple[str, str], str] = {
     ),
 }
 
-# (module, module) pairs that import each other at import time -> why. Empty: none do.
-ALLOWED_MODULE_CYCLES: dict[frozenset[str], str] = {}
-
 REDIS_ERRORS = frozenset(
     name
     for name, value in vars(redis.exceptions).items()
@@ -102,7 +100,6 @@ class Import:
     source: str
     target: str
     line: int
-    at_import_time: bool  # module level, not under ``if TYPE_CHECKING:``
 
 
 def layer_of(module: str) -> str:
@@ -122,36 +119,21 @@ def modules() -> dict[str, Module]:
 
 
 class _ImportCollector(ast.NodeVisitor):
-    """Every import of a worker module in one module, with where it runs."""
+    """Every import of a worker module in one module, wherever it is: at module level,
+    inside a function (run when called) or under ``if TYPE_CHECKING:`` (never run). All
+    count: a deferred import is still a dependency for a reader, and a TYPE_CHECKING one is
+    a real import away from a cycle. ``from x import y`` names the submodule ``x.y`` when
+    there is one, else ``x``; a relative import is resolved. The parent packages Python runs
+    first (worker/store/__init__.py for ``worker.store.calls``) are not counted: that is
+    the import system's order, not the module's dependency."""
 
     def __init__(self, module: Module) -> None:
         self.module = module
         self.imports: list[Import] = []
-        self._deferred = 0  # inside a function or an ``if TYPE_CHECKING:`` block
-
-    def _deferring(self, node: ast.AST) -> None:
-        self._deferred += 1
-        self.generic_visit(node)
-        self._deferred -= 1
-
-    def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
-        self._deferring(node)
-
-    def visit_AsyncFunctionDef(self, node: ast.AsyncFunctionDef) -> None:
-        self._deferring(node)
-
-    def visit_Lambda(self, node: ast.Lambda) -> None:
-        self._deferring(node)
-
-    def visit_If(self, node: ast.If) -> None:
-        if "TYPE_CHECKING" in ast.unparse(node.test):
-            self._deferring(node)
-        else:
-            self.generic_visit(node)
 
     def _add(self, target: str, node: ast.stmt) -> None:
         if target == "worker" or target.startswith("worker."):
-            self.imports.append(Import(self.module.name, target, node.lineno, self._deferred == 0))
+            self.imports.append(Import(self.module.name, target, node.lineno))
 
     def visit_Import(self, node: ast.Import) -> None:
         for alias in node.names:
@@ -245,16 +227,71 @@ def test_no_cycles_between_layers() -> None:
     assert [] == strongly_connected(graph)
 
 
-def test_no_import_time_cycles_between_modules() -> None:
-    """No module imports itself back when it is first imported; an import inside a
-    function (taken when called) is how a module reaches one that imports it."""
-    graph: dict[str, set[str]] = {}
+def folder_of(module: str) -> str:
+    """The folder a module's file is in, as a package: ``worker.store`` for
+    worker/store/calls.py and worker/store/__init__.py, ``worker`` for worker/errors.py."""
+    found = modules().get(module)
+    return module if found is not None and found.is_package else module.rpartition(".")[0]
+
+
+def module_graph() -> dict[str, dict[str, int]]:
+    """importing module -> imported module -> the line of its first such import, for every
+    import of one worker module by another (see :class:`_ImportCollector`)."""
+    graph: dict[str, dict[str, int]] = {}
     for imp in imports():
-        if imp.at_import_time and imp.target != imp.source:
-            graph.setdefault(imp.source, set()).add(imp.target)
-    cycles = [c for c in strongly_connected(graph) if frozenset(c) not in ALLOWED_MODULE_CYCLES]
-    assert [] == cycles
-    assert set() == set(ALLOWED_MODULE_CYCLES) - {frozenset(c) for c in strongly_connected(graph)}
+        if imp.target != imp.source:
+            targets = graph.setdefault(imp.source, {})
+            targets[imp.target] = min(imp.line, targets.get(imp.target, imp.line))
+    return graph
+
+
+def cycles(graph: dict[str, dict[str, int]]) -> list[str]:
+    """One cycle of each strongly connected component of ``graph``, shortest from the
+    component's first module, as ``a:line -> b:line -> a`` (the line where each imports
+    the next)."""
+    found = []
+    for component in strongly_connected({s: set(t) for s, t in graph.items()}):
+        members, start = set(component), component[0]
+        previous: dict[str, str] = {}
+        frontier, seen = [start], {start}
+        while start not in previous and frontier:  # breadth first, back to start
+            step = []
+            for node in frontier:
+                for succ in sorted(graph.get(node, {})):
+                    if succ in members and (succ == start or succ not in seen):
+                        previous.setdefault(succ, node)
+                        seen.add(succ)
+                        step.append(succ)
+            frontier = step
+        back, node = [], previous[start]
+        while node != start:
+            back.append(node)
+            node = previous[node]
+        path = [start, *reversed(back)]  # start, ..., the module that imports start
+        hops = [f"{a}:{graph[a][b]}" for a, b in zip(path, [*path[1:], start], strict=True)]
+        rest = sorted(members - set(path))  # in the same tangle, off this cycle
+        found.append(" -> ".join([*hops, start]) + (f" (also: {', '.join(rest)})" if rest else ""))
+    return found
+
+
+def test_no_cycles_inside_a_folder() -> None:
+    """Every folder reads top-down: no module imports itself back through the other
+    modules of its folder, not even by an import inside a function or under
+    ``if TYPE_CHECKING:`` (what both sides need goes to a module of its own, or is passed
+    in)."""
+    graph = {
+        source: {t: line for t, line in targets.items() if folder_of(t) == folder_of(source)}
+        for source, targets in module_graph().items()
+    }
+    found = cycles(graph)
+    assert [] == found, "modules of one folder that import each other:\n" + "\n".join(found)
+
+
+def test_no_cycles_between_modules() -> None:
+    """Nor does any module of worker/ import itself back through other folders (imports
+    inside functions and under ``if TYPE_CHECKING:`` included)."""
+    found = cycles(module_graph())
+    assert [] == found, "modules that import each other:\n" + "\n".join(found)
 
 
 def _redis_error_names(tree: ast.Module) -> Iterator[tuple[str, int, str]]:
