@@ -7,7 +7,7 @@ import json
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -482,3 +482,70 @@ def test_status_page_in_headless_chromium_shows_the_numbers_of_stats_json(
     assert shot.stat().st_size > 10_000
     (Path(__file__).resolve().parents[2] / "bench" / "results").mkdir(exist_ok=True)
     shutil.copy(shot, Path(__file__).resolve().parents[2] / "bench" / "results" / "status-page.png")
+
+
+LONG_CODE = "ERROR_" + "X" * 52 + "_LIMIT"  # 64 characters with no break: the longest code
+TWO_ACCOUNTS = f"""
+[delivery]
+account_pause_s = 86400
+[providers.reseller]
+base_url = "https://api.reseller.invalid"
+deadline_s = 300
+[providers.reseller.endpoints]
+image = "/reportIncorrectImageCaptcha"
+token = "/reportIncorrectTokenCaptcha"
+[providers.reseller.error_codes]
+{LONG_CODE} = "account_fault"
+[accounts.default]
+provider = "capmonster"
+key_env = "CAPMONSTER_CLIENT_KEY"
+rate_limit = "2000/second"
+[accounts.reseller-eu-west-backup]
+provider = "reseller"
+key_env = "SPARE_KEY"
+rate_limit = "2000/second"
+"""
+SPARE_KEY = "spare-key-not-a-secret"
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no chromium (Debian package `chromium`); .ci/run installs it where apt-get is root",
+)
+@pytest.mark.timeout(120)
+def test_status_page_cards_hold_their_text_from_desktop_to_phone_width(
+    make_settings: Callable[..., Settings],
+    env: dict[str, str],
+    sandbox: Sandbox,
+    redis_client: redis.Redis,
+    tmp_path: Path,
+) -> None:
+    """With both accounts paused for a day (one for a 64-character error code, also in the
+    codes table), no cell or text of any card runs past its card and no card past the
+    page, at 1400, 820, 390, 360 or 320 px wide; screenshots at 1400 and 390 px are kept."""
+    from worker.testing.sandbox import Rule
+
+    from .chromium_support import OUTSIDE_THEIR_CARDS, RENDERED, Browser
+
+    sandbox.add_rule(Rule(task_id=3, client_key=CLIENT_KEY, error_code="ERROR_ZERO_BALANCE"))
+    sandbox.add_rule(Rule(client_key=SPARE_KEY, error_code=LONG_CODE))
+    environ = dict(env, SPARE_KEY=SPARE_KEY)
+    settings = make_settings(TWO_ACCOUNTS, SPARE_KEY=SPARE_KEY)
+    with running_worker(settings, environ) as service:
+        reports = [(n, "image" if n % 2 else "token", "default") for n in range(1, 9)]
+        reports += [(n, "image", "reseller-eu-west-backup") for n in range(11, 14)]
+        service.producer.enqueue_many(reports)
+        wait_until(lambda: int(redis_client.get("rf:npending") or -1) == 0)
+    found: list[str] = []
+    intake = Intake(settings, settings.redis_url, environ=environ)
+    with Server(intake) as server, Browser(tmp_path / "chromium") as browser:
+        for width in (1400, 820, 390, 360, 320):
+            browser.open(server.url + "/", width, 900)
+            assert browser.evaluate(RENDERED)
+            shown = browser.evaluate("document.getElementById('accounts').innerText")
+            assert re.search(rf"paused \({LONG_CODE}, 86\d\d\d s\)", shown), shown
+            assert LONG_CODE in browser.evaluate("document.getElementById('codes').innerText")
+            if width in (1400, 390):
+                browser.screenshot(tmp_path / f"status-{width}.png")
+            found += [f"{width} px: {line}" for line in browser.evaluate(OUTSIDE_THEIR_CARDS)]
+    assert not found, "\n".join(found)
