@@ -8,6 +8,7 @@ import json
 import click
 
 from worker.cli.app import command_logging, current_state, main
+from worker.cli.render import echo, shown
 from worker.observability.logs import get_logger
 from worker.settings import client_key
 from worker.store.keys import Keys
@@ -46,8 +47,8 @@ def accounts_list(as_json: bool) -> None:
         return
     for row in rows:
         pause = "paused" if row["paused_until"] else "active"
-        click.echo(
-            f"{row['account']:<16} {row['provider']:<12} {row['rate_limit']:<14} "
+        echo(
+            f"{row['account']:<16} {shown(row['provider']):<12} {row['rate_limit']:<14} "
             f"{pause:<7} key {row['key_env']}{'' if row['key_set'] else ' (unset)'}"
         )
 
@@ -64,6 +65,6 @@ def accounts_resume(name: str) -> None:
     ledger = Ledger(state.client, Keys(state.settings.key_prefix), state.settings.queue)
     if ledger.resume(name):
         get_logger("worker.cli").info("account.resumed", account=name, by="operator")
-        click.echo(f"resumed {name}")
+        echo(f"resumed {shown(name)}")
     else:
-        click.echo(f"{name} was not paused")
+        echo(f"{shown(name)} was not paused")

@@ -82,8 +82,11 @@ class State:
 
 
 def fail(message: str, code: int) -> NoReturn:
-    """One line on stderr, ``error: ...``, and exit with ``code``."""
-    click.echo("error: " + " ".join(message.split()), err=True)
+    """One line on stderr, ``error: ...``, and exit with ``code`` (what is not printable
+    in ``message``, a control character it quotes, escaped: worker.cli.render)."""
+    from worker.cli.render import shown
+
+    click.echo("error: " + shown(" ".join(message.split())), err=True)
     sys.exit(code)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from worker.cli.app import EXIT_REFUSED, current_state, fail, main
+from worker.cli.render import echo, shown
 from worker.producer import replay
 from worker.store.deadletters import REASONS, DeadLetters, Filters, check_reason, parse_age
 from worker.store.keys import Keys
@@ -95,13 +96,13 @@ def dl_list(filters: Filters, limit: int, as_json: bool) -> None:
         f"{'ID':<16} {'FAILED (UTC)':<19} {'ACCOUNT':<10} {'TASK ID':>12} {'TYPE':<22} "
         f"{'REASON':<17} {'CODE':<26} {'HTTP':>4} {'TRIES':>5}"
     )
-    for d in letters:
+    for d in letters:  # every field from Redis escaped (it may hold the API's bytes)
         failed = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(d.failed_at or 0))
-        code = (d.error_code or "-")[:26]
-        click.echo(
-            f"{d.id:<16} {failed:<19} {d.account[:10]:<10} {d.task_id:>12} "
-            f"{d.captcha_type[:22]:<22} {d.reason:<17} {code:<26} {d.http_status or '-':>4} "
-            f"{d.attempts:>5}"
+        code = shown(d.error_code or "-")[:26]
+        echo(
+            f"{d.id:<16} {failed:<19} {shown(d.account)[:10]:<10} {d.task_id:>12} "
+            f"{shown(d.captcha_type)[:22]:<22} {shown(d.reason):<17} {code:<26} "
+            f"{d.http_status or '-':>4} {d.attempts:>5}"
         )
     click.echo(f"{len(letters)} shown of {store_.count()} dead letters", err=True)
 
@@ -139,7 +140,7 @@ def dl_replay(ids: tuple[str, ...], filters: Filters, everything: bool, as_json:
         )
     else:
         for entry_id, error in refused:
-            click.echo(f"{entry_id}: kept: {error}", err=True)
+            echo(f"{entry_id}: kept: {shown(error)}", err=True)
         click.echo(
             f"replayed {result.replayed}, duplicates {result.duplicates}, kept {len(refused)}"
         )

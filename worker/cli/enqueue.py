@@ -21,6 +21,7 @@ import click
 
 from worker.cli.app import EXIT_REFUSED, State, command_logging, current_state, main
 from worker.cli.readers import read_items
+from worker.cli.render import echo, shown
 from worker.errors import ReportError
 from worker.producer import BULK_PER_MESSAGE, fields, parse_task_id, refusal_reason, short_error
 from worker.store.vocabulary import EnqueueRow
@@ -56,7 +57,7 @@ def enqueue(
     if as_json:
         click.echo(json.dumps({"result": result, "task_id": number, "account": account}))
     else:
-        click.echo(f"{result}: task {number} ({captcha_type}) for account {account}")
+        echo(f"{result}: task {number} ({shown(captcha_type)}) for account {shown(account)}")
 
 
 class _Refusals:
@@ -105,7 +106,7 @@ def _enqueue_file(state: State, file: IO[bytes], account: str, as_json: bool) ->
         if error is not None:
             if refusals.add(lineno, error, reason or "refused") and not as_json:
                 progress.clear()
-                click.echo(f"line {lineno}: {error}", err=True)
+                echo(f"line {lineno}: {shown(error)}", err=True)
             elif refusals.total == SHOWN_REFUSALS + 1 and not as_json:
                 progress.clear()
                 click.echo(
@@ -130,7 +131,7 @@ def _enqueue_file(state: State, file: IO[bytes], account: str, as_json: bool) ->
     else:
         if refusals.total:
             reasons = ", ".join(f"{r} {n}" for r, n in refusals.by_reason.most_common())
-            click.echo(f"refused by reason: {reasons}", err=True)
+            echo(f"refused by reason: {shown(reasons)}", err=True)
         click.echo(f"queued {queued}, duplicates {duplicates}, refused {refusals.total}", err=True)
     if refusals.total:
         sys.exit(EXIT_REFUSED)

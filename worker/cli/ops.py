@@ -11,6 +11,7 @@ import sys
 import click
 
 from worker.cli.app import command_logging, current_state, main
+from worker.cli.render import echo, shown
 from worker.errors import StoreError
 from worker.settings import client_key
 from worker.settings.redis_url import is_sentinel, parse_sentinel
@@ -62,13 +63,13 @@ def check_config(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
-    for key, value in doc.items():
+    for key, value in doc.items():  # values from the config file and env, escaped
         if isinstance(value, dict):
-            click.echo(f"{key}:")
+            echo(f"{key}:")
             for sub, subvalue in value.items():
-                click.echo(f"  {sub}: {subvalue}")
+                echo(f"  {shown(sub)}: {shown(subvalue)}")
         else:
-            click.echo(f"{key}: {value}")
+            echo(f"{key}: {shown(value)}")
     missing = [a.key_env for a in settings.accounts.values() if client_key(a) is None]
     if missing:
         click.echo(f"note: {', '.join(missing)} unset: workers will refuse to start", err=True)
@@ -227,7 +228,7 @@ def redis_status() -> None:
 
 @redis_group.command("start")
 def redis_start() -> None:
-    click.echo(embedded.ensure_running(current_state().settings.home))
+    echo(embedded.ensure_running(current_state().settings.home))
 
 
 @redis_group.command("stop")

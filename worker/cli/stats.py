@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from worker.cli.app import State, current_state, main, redis_errors_translated
+from worker.cli.render import echo, shown
 from worker.errors import StoreError, StoreUnreachableError
 from worker.store import connection as store
 
@@ -28,14 +29,14 @@ def stats(as_json: bool, watch: bool) -> None:
     state = current_state()
     if as_json or not watch:
         snap = snapshot(state.client, state.settings)
-        click.echo(json.dumps(snap, indent=2) if as_json else _render_stats(snap))
+        echo(json.dumps(snap, indent=2) if as_json else _render_stats(snap))
         return
     # --watch: one attempt per redraw, and an unreachable Redis is shown, not fatal
     client = store.connect(state.redis_url, retry_s=0)
     try:
         while True:
             click.clear()
-            click.echo(_watch_frame(client, state))
+            echo(_watch_frame(client, state))
             time.sleep(1)
     finally:
         client.close()
@@ -115,4 +116,4 @@ def _render_stats(snap: dict[str, Any]) -> str:
         )
     for p in snap["paused_accounts"]:
         lines.append(f"PAUSED {p['account']}: {p['error_code']} ({p['remaining_s']:.0f} s left)")
-    return "\n".join(lines)
+    return "\n".join(map(shown, lines))  # names and codes from Redis, escaped

@@ -19,6 +19,8 @@ from typing import Any
 
 import structlog
 
+from worker.settings.quoting import printable
+
 REDACTED = "****"
 _FOREIGN_LEVEL = logging.WARNING
 
@@ -75,8 +77,22 @@ def _renderer(fmt: str, stream: Any) -> Any:
     if fmt == "auto":
         fmt = "console" if getattr(stream, "isatty", lambda: False)() else "json"
     if fmt == "console":
-        return structlog.dev.ConsoleRenderer(colors=stream.isatty(), sort_keys=False)
-    return structlog.processors.JSONRenderer()
+        console = structlog.dev.ConsoleRenderer(colors=stream.isatty(), sort_keys=False)
+        return lambda logger, method, event: console(logger, method, _printable(event))
+    return structlog.processors.JSONRenderer()  # json.dumps escapes what is not printable
+
+
+def _printable(event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """The console's key=value text writes strings raw: a control character an API put in
+    an error code would reach the terminal. Escaped as the JSON lines escape it (a
+    traceback's line breaks kept)."""
+    for key, value in event.items():
+        if isinstance(value, str) and not value.isprintable():
+            if key in ("exception", "stack"):
+                event[key] = "\n".join(map(printable, value.split("\n")))
+            else:
+                event[key] = printable(value)
+    return event
 
 
 class _Lines:

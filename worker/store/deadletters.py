@@ -105,7 +105,8 @@ def _str(value: Any) -> str:
 
 
 def _decode(entry_id: Any, fields: dict[Any, Any]) -> DeadLetter:
-    f = {k.decode(): v.decode() for k, v in fields.items()}
+    # bytes that are not UTF-8 (an API's, stored by an older worker) shown as \xNN
+    f = {k.decode(): v.decode("utf-8", "backslashreplace") for k, v in fields.items()}
 
     def number(name: str) -> float | None:
         return float(f[name]) if f.get(name) else None
