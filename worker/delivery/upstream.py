@@ -96,7 +96,9 @@ class Outcome:
 
     status: Status
     http_status: int | None = None
-    error_code: str = ""  # the API's code, or ours: HTTP_503, TIMEOUT, CONNECTION_ERROR, ...
+    # a known code (the tables, the provider's error_codes) or ours: HTTP_503, TIMEOUT,
+    # CONNECTION_ERROR, INVALID_JSON; any other code of the API: OTHER (shown in detail)
+    error_code: str = ""
     detail: str = ""
     retry_after: float | None = None
     duration_s: float = 0.0
@@ -336,13 +338,10 @@ def classify(
     if error_id in (0, "0"):
         return Outcome("accepted", http_status)
     raw = body.get("errorCode")
-    code = (
-        raw
-        if isinstance(raw, str)
-        else str(raw)[: _room(MAX_CODE_CHARS + 1, secret)]
-        if raw
-        else ""
-    )
+    if isinstance(raw, str):
+        code = raw
+    else:  # a number, a list...: as text, read no further than it can be shown
+        code = str(raw)[: _room(MAX_CODE_CHARS + 1, secret)] if raw else ""
     description = _excerpt(str(body.get("errorDescription") or ""), 300, secret)
     shown = _shown_code(code, secret) if code else "errorId " + _shown_code(str(error_id), secret)
     detail = scrub(f"{shown}: {description}".rstrip(": "), secret)
