@@ -34,7 +34,7 @@ def accounts_list(as_json: bool) -> None:
             {
                 "account": name,
                 "provider": account.provider.name,
-                "endpoint_base": account.base_url,
+                "endpoint_base": account.shown_base_url,
                 "rate_limit": str(account.rate_limit),
                 "deadline_s": account.deadline_s,
                 "key_env": account.key_env,

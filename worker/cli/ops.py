@@ -50,7 +50,7 @@ def check_config(as_json: bool) -> None:
         "accounts": {
             name: {
                 "provider": a.provider.name,
-                "base_url": a.base_url,
+                "base_url": a.shown_base_url,
                 "rate_limit": str(a.rate_limit),
                 "deadline_s": a.deadline_s,
                 "key_env": a.key_env,

@@ -199,7 +199,7 @@ class ReportSteps:
             url = account.endpoint_for(ctype)
         except ReportError as exc:
             return self._bury(job, Reason.REJECTED, "UNSUPPORTED_TYPE", str(exc))
-        ctx["endpoint"] = url
+        ctx["endpoint"] = account.shown(url)  # a password in the API URL masked
         if claim.paused_until is not None:
             until = _iso(claim.paused_until)
             return self._bury(job, Reason.ACCOUNT_PAUSED, "", f"account paused until {until}")

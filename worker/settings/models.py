@@ -13,7 +13,7 @@ from pathlib import Path
 
 from worker.errors import ReportError
 from worker.settings.captcha_types import CaptchaType, CaptchaTypes
-from worker.settings.quoting import abbreviate
+from worker.settings.quoting import abbreviate, masked_url
 
 # A producer's or the command line's patience with an unreachable Redis: retried for this
 # long before it gives up (exit 3). Workers keep their own, longer patience (store.py).
@@ -93,6 +93,21 @@ class Account:
     rate_limit: RateLimit
     base_url: str
     deadline_s: float
+    # base_url as logs and messages show it (its password and query values masked)
+    shown_base_url: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shown_base_url", masked_url(self.base_url))
+
+    def shown(self, url: str) -> str:
+        """``url``, this account's base URL or one of its endpoints, as logs and messages
+        show it (the base's password and query values masked)."""
+        if self.shown_base_url is self.base_url:  # nothing to mask (masked_url's same string)
+            return url
+        base = self.base_url.rstrip("/")
+        if url.startswith(base):
+            return self.shown_base_url.rstrip("/") + url[len(base) :]
+        return masked_url(url)
 
     def endpoint_for(self, ctype: CaptchaType) -> str:
         """Full URL for a report of ``ctype``; :class:`ReportError` if the provider has none."""

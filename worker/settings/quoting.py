@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from urllib.parse import urlsplit, urlunsplit
 
 
 def abbreviate(value: object, limit: int = 80) -> str:
@@ -25,3 +26,26 @@ def printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(ch if ch.isprintable() else json.dumps(ch)[1:-1] for ch in text)
+
+
+def masked_url(url: str) -> str:
+    """An API URL as logs, messages and check-config show it: a password in the address
+    masked (``http://user:****@host``, the user kept, as Redis URLs are shown; a lone
+    userinfo, often a token, masked whole) and every query value masked (``?key=****``).
+    The same string when there is nothing to mask."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(an unparsable URL)" if "@" in url or "?" in url else url
+    netloc, query = parts.netloc, parts.query
+    if "@" in netloc:
+        credentials, _, host = netloc.rpartition("@")
+        user, colon, _password = credentials.partition(":")
+        netloc = f"{user}:****@{host}" if colon else f"****@{host}"
+    if query:
+        query = "&".join(
+            f"{part.partition('=')[0]}=****" if "=" in part else "****" for part in query.split("&")
+        )
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
