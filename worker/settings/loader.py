@@ -96,7 +96,7 @@ def _read_config(file: str | os.PathLike[str]) -> str:
     accepted: a regular file of at most MAX_CONFIG_BYTES, opened without blocking (a FIFO
     with no writer, a terminal) and checked after opening, so /dev/zero, /dev/urandom, a
     FIFO or a directory is one line, not a hang, a memory blow-up or a traceback."""
-    shown = f"config file {str(file)!r}"
+    shown = f"REPORT_FORWARDER_CONFIG = {str(file)!r}"  # or --config, its flag
     accepted = f"a regular file of UTF-8 TOML text, at most {MAX_CONFIG_BYTES >> 20} MiB"
     try:
         fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
