@@ -13,7 +13,9 @@ Routes::
 
 The clientKey is matched, in constant time, against every configured account's key; the
 report is queued for that account. Bad input gets an ``errorId: 1`` answer with a
-descriptive code and a 4xx status, never a 500 or a traceback, and a key is never echoed.
+descriptive code and a 4xx status, never a 500 or a traceback, and a key is never echoed:
+what an answer quotes of a request (a taskId, the path, the content type) has every
+configured key and the intake token masked (:mod:`worker.intake.input`).
 Reports arriving together are queued in one Redis round trip (natural batching: while
 one enqueue is in flight the next ones gather), so producers never wait on each other.
 
@@ -139,6 +141,7 @@ class Intake:
         self.settings = settings
         self.redis_url = redis_url
         self.token = token
+        register_secret(token)  # masked in logs and in what answers quote of a request
         self.enqueue_enabled = enqueue  # False: the constant-answer ceiling of bench/intake.py
         self.keys = Keys(settings.key_prefix)
         self.api_keys: list[tuple[bytes, str]] = []

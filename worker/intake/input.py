@@ -5,7 +5,9 @@ send on purpose or by mistake — numbers of thousands of digits (Python's int c
 limit would raise), nesting deep enough to exhaust the parser's recursion, bytes that are
 not UTF-8 — and each is answered as the client's fault: a 4xx :class:`Refusal`, or one
 refused item of a bulk request (:class:`ItemRefusal`, with a :class:`Reason`). No value a
-client sent is ever put whole into an answer: descriptions show a bounded excerpt.
+client sent is ever put whole into an answer: descriptions show a bounded excerpt, with
+every registered secret (the accounts' keys, the intake token) masked before it is cut,
+so a client that sends its key as a taskId or a path is never shown the key.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from urllib.parse import unquote, unquote_plus
 
 from worker.errors import ReportError
+from worker.observability.logs import mask_secrets
 from worker.producer import MAX_TASK_ID, fields, parse_task_id, validate
 from worker.settings import Settings
 from worker.store.vocabulary import EnqueueRow
@@ -91,17 +94,22 @@ def decode_json(raw: bytes) -> Any:
 
 
 def show(value: object) -> str:
-    """A bounded description of a client's value for an error text."""
+    """A bounded description of a client's value for an error text, secrets masked."""
     if isinstance(value, dict):
         return "an object"
     if isinstance(value, list):
         return "an array"
-    if isinstance(value, str) and len(value) > MAX_SHOWN:
-        return f"{value[:MAX_SHOWN]!r}… ({len(value)} characters)"
-    return repr(value)
+    if isinstance(value, str):
+        masked = mask_secrets(value)  # before the cut: no first half of a key is left
+        if len(masked) > MAX_SHOWN:
+            return f"{masked[:MAX_SHOWN]!r}… ({len(value)} characters)"
+        return repr(masked)
+    return mask_secrets(repr(value))
 
 
 def shorten(text: str, limit: int = 300) -> str:
+    """``text`` for an answer: secrets masked, then cut to ``limit`` characters."""
+    text = mask_secrets(text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -126,16 +134,17 @@ def task_id(value: object) -> int:
 async def read_body(scope: MutableMapping[str, Any], receive: Receive, limit: int) -> bytes:
     """The request's body: 415 unless JSON, 413 over ``limit`` bytes; ClientGoneError if
     the client left before the end."""
-    content_type, declared = b"", None
+    content_type, declared, given = b"", None, b""
     for name, value in scope.get("headers") or ():
         if name == b"content-type":
+            given = value
             content_type = value.split(b";")[0].strip().lower()
         elif name == b"content-length":
             declared = value
     if content_type not in JSON_TYPES:
-        shown = content_type.decode("latin-1")[:60] or "none"
+        shown = show(given.decode("latin-1").strip()) if given else "none"
         raise Refusal(
-            415, "ERROR_UNSUPPORTED_CONTENT_TYPE", f"content type {shown!r}: send application/json"
+            415, "ERROR_UNSUPPORTED_CONTENT_TYPE", f"content type {shown}: send application/json"
         )
     if (
         declared is not None

@@ -61,6 +61,13 @@ def _case_blind(secrets: frozenset[str]) -> re.Pattern[str]:
     return re.compile("|".join(map(re.escape, ordered)), re.IGNORECASE)
 
 
+def mask_secrets(text: str) -> str:
+    """``text`` with every registered secret masked as in log lines (any letter case, also
+    as a JSON string holds it): for answers that quote what a client sent."""
+    masker = _registry.masker
+    return text if masker is None else masker.sub(REDACTED, text)
+
+
 def redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: replace registered secrets, in any letter case, inside any
     string value."""
