@@ -10,6 +10,8 @@
     │   └── StoreFullError          Redis is out of memory (maxmemory, noeviction)
     ├── StoreOutcomeUnknownError    the write may have been accepted: retry HERE only -> exit 4
     │   └── StoreUnreplicatedError  fewer replicas than redis.min_replicas_ack had the write
+    ├── Refusal, ItemRefusal        (worker.intake.input) a request, or one bulk item, refused
+    ├── ClientGoneError             (worker.intake.input) the client left mid-body: no answer
     └── UpstreamError               an answer (or no answer) from the captcha API
         ├── TransientUpstreamError  retry with backoff
         │   └── ExchangeError       (worker.delivery.upstream) no whole answer: timeout, network

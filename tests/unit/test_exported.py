@@ -59,3 +59,27 @@ def test_exported_errors_share_the_common_base() -> None:
     ]
     assert len(errors) >= 5
     assert [] == [e.__name__ for e in errors if not issubclass(e, worker.ForwarderError)]
+
+
+def test_every_public_exception_class_of_the_package_is_a_forwarder_error() -> None:
+    """An exception class any module of ``worker`` defines is a ForwarderError unless its
+    name is private (``_``-named: control flow that never leaves its module), so
+    ``except ForwarderError`` catches everything the package raises on purpose."""
+    import importlib
+    import pkgutil
+
+    outside: list[str] = []
+    for module_info in pkgutil.walk_packages(worker.__path__, "worker."):
+        if module_info.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(module_info.name)
+        for name, value in vars(module).items():
+            if (
+                isinstance(value, type)
+                and issubclass(value, BaseException)
+                and value.__module__ == module.__name__
+                and not name.startswith("_")
+                and not issubclass(value, worker.ForwarderError)
+            ):
+                outside.append(f"{module.__name__}.{name}")
+    assert [] == sorted(outside)

@@ -18,7 +18,7 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import unquote, unquote_plus
 
-from worker.errors import ReportError
+from worker.errors import ForwarderError, ReportError
 from worker.observability.logs import mask_secrets
 from worker.producer import MAX_TASK_ID, fields, parse_task_id, validate
 from worker.settings import Settings
@@ -31,7 +31,7 @@ MAX_SHOWN = 120  # characters of a client's value shown in an error description
 JSON_TYPES = (b"application/json", b"application/x-ndjson", b"application/jsonl")
 
 
-class Refusal(Exception):
+class Refusal(ForwarderError):
     """The whole request is refused: an ``errorId: 1`` answer with this status and code."""
 
     def __init__(self, status: int, code: str, description: str) -> None:
@@ -41,8 +41,9 @@ class Refusal(Exception):
         self.description = description
 
 
-class ClientGoneError(Exception):
-    """The client closed the connection (or missed a deadline) before its body was in."""
+class ClientGoneError(ForwarderError):
+    """The client closed the connection (or missed a deadline) before its body was in:
+    raised by :func:`read_body`, answered with nothing by the intake's app."""
 
 
 class Reason(StrEnum):
@@ -56,7 +57,7 @@ class Reason(StrEnum):
     UNSUPPORTED_TYPE = "unsupported_type"
 
 
-class ItemRefusal(Exception):
+class ItemRefusal(ForwarderError):
     """One report is refused (the rest of its request is not)."""
 
     def __init__(self, reason: Reason, error: str) -> None:
