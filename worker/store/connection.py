@@ -9,6 +9,7 @@ that Redis is unreachable instead of hanging.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -343,6 +344,43 @@ def translate(exc: BaseException, url: str | None = None, doing: str = "") -> Fo
             f"{prefix}something answered{where}, but not as a Redis server ({text}); "
             "check the host and port"
         )
+    if isinstance(exc, redis.sentinel.MasterNotFoundError) and url and is_sentinel(url):
+        return StoreUnreachableError(
+            f"{prefix}Redis{where} is unreachable: {_no_master(text, url)}"
+        )
     if isinstance(exc, redis.ConnectionError | redis.TimeoutError | OSError):
         return StoreUnreachableError(f"{prefix}Redis{where} is unreachable ({text})")
     return StoreError(f"{prefix}Redis{where} failed the call ({type(exc).__name__}: {text})")
+
+
+# redis-py's MasterNotFoundError names each Sentinel that failed by its client's repr (some
+# 1,100 characters of connection settings), then " - " and the error; only the address and
+# the error's last words are worth a line.
+_SENTINEL_CLIENT = re.compile(r"<redis\.(?:asyncio\.)?client\.Redis\(")
+_HOST_PORT = re.compile(r"\bhost=([^,()\s]+),port=(\d+)")
+_ERROR_NOISE = re.compile(r"^(?:\w+:)*\s*(?:Error \d+ connecting to \S+\.\s+)?")
+
+
+def _no_master(text: str, url: str) -> str:
+    """``no Sentinel answered (127.0.0.1:26379, 127.0.0.1:26380: connection refused)``, or
+    which answered without knowing the master, for MasterNotFoundError's ``text``."""
+    target = parse_sentinel(url)
+    failed: dict[str, str] = {}
+    for segment in _SENTINEL_CLIENT.split(text)[1:]:
+        found = _HOST_PORT.search(segment)
+        _, dash, error = segment.rpartition(")> - ")
+        if found is None or not dash:
+            continue
+        reason = _ERROR_NOISE.sub("", " ".join(error.split())).rstrip(" .,)") or "failed"
+        reason = reason[:1].lower() + reason[1:80]
+        failed[_hostport(found.group(1), int(found.group(2)))] = reason
+    tried = [_hostport(host, port) for host, port in target.sentinels]
+    groups: dict[str, list[str]] = {}
+    for address in tried:
+        groups.setdefault(failed.get(address, "answered, but knows no such master"), []).append(
+            address
+        )
+    detail = "; ".join(f"{', '.join(addresses)}: {reason}" for reason, addresses in groups.items())
+    if len(failed) >= len(tried):
+        return f"no Sentinel answered ({detail})"
+    return f"no Sentinel knows a master named {target.master_name!r} ({detail})"
