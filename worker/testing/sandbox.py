@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import ssl
 import threading
 import time
 from collections import Counter
@@ -91,7 +92,8 @@ class _State:
 
 
 class Sandbox:
-    """The API double; ``start()`` runs it on its own event loop in a daemon thread."""
+    """The API double; ``start()`` runs it on its own event loop in a daemon thread.
+    ``tls``: a server context to answer over https with."""
 
     def __init__(
         self,
@@ -101,6 +103,7 @@ class Sandbox:
         keys: Iterable[str] | None = None,
         latency_ms: float = 0.0,
         profile: str = "any",
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if profile not in PROFILES:
             raise ValueError(f"unknown sandbox profile {profile!r}; known: {', '.join(PROFILES)}")
@@ -111,7 +114,7 @@ class Sandbox:
         self._logged = threading.Condition(self._lock)
         self._state = _State(latency_ms=latency_ms)
         self._initial_latency_ms = latency_ms
-        self._http = HttpServer(host, port, self._answer)
+        self._http = HttpServer(host, port, self._answer, tls)
 
     # -- lifecycle -------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -205,11 +206,15 @@ class _Connection(asyncio.Protocol):
 
 class HttpServer:
     """Serves ``handler``; ``start()`` runs it on its own event loop in a daemon thread,
-    :meth:`serve_until_signal` in the caller's loop."""
+    :meth:`serve_until_signal` in the caller's loop. With ``tls`` (a server context), over
+    https."""
 
-    def __init__(self, host: str, port: int, handler: Handler) -> None:
+    def __init__(
+        self, host: str, port: int, handler: Handler, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.host = host
         self.handler = handler
+        self.tls = tls
         self._requested_port = port
         self._port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -251,7 +256,7 @@ class HttpServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     def _run(self, ready: threading.Event, failure: list[BaseException]) -> None:
         loop = cast(asyncio.AbstractEventLoop, self._loop)
@@ -272,7 +277,7 @@ class HttpServer:
     async def _listen(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Connection(self), self.host, self._requested_port, backlog=1024
+            lambda: _Connection(self), self.host, self._requested_port, backlog=1024, ssl=self.tls
         )
         self._port = int(self._server.sockets[0].getsockname()[1])
 
