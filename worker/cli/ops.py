@@ -6,6 +6,7 @@ and demo import what they run inside the command (demo brings Celery)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -15,6 +16,7 @@ from worker.cli.render import echo, shown
 from worker.errors import StoreError
 from worker.settings import client_key
 from worker.settings.redis_url import is_sentinel, parse_sentinel
+from worker.settings.tls import trust_from
 from worker.store import connection as store
 from worker.store import embedded
 
@@ -59,6 +61,7 @@ def check_config(as_json: bool) -> None:
             for name, a in settings.accounts.items()
         },
         "captcha_types": len(settings.captcha_types),
+        "tls_trust": trust_from(os.environ).describe(),
     }
     if as_json:
         click.echo(json.dumps(doc, indent=2))

@@ -29,7 +29,8 @@ characters escaped, at most 300 characters.
 The client is libcurl, through pycurl (chosen by benchmark, bench/README.md: a sixth of
 urllib3's CPU per POST, and the exchange itself — sending, waiting, parsing the answer —
 runs in C without the GIL, so a worker's threads do not queue for it): keep-alive
-connections shared by the process's threads; TLS verified against certifi's CA bundle; a
+connections shared by the process's threads; TLS verified against the CA certificates the
+environment names as requests and OpenSSL read them, else certifi's bundle; a
 connect timeout, a read timeout (no answer that long, in whole seconds), and the whole
 exchange cut at connect + read timeout; no redirects, and no request ever sent twice (not
 even one whose kept-alive connection closed before any answer); proxies from the
@@ -51,11 +52,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-import certifi
 import pycurl
 import requests.utils
 
 from worker.errors import TransientUpstreamError
+from worker.settings.tls import Trust, trust_from
 
 Status = Literal["accepted", "rejected", "account_fault", "transient"]
 
@@ -120,11 +121,16 @@ class Client:
 
     ``proxy``: send every request through this proxy; None (the default): through the
     one the environment names for the request's URL (:func:`proxy_for`), or directly.
-    ``ca_certs``: the CA bundle TLS is verified against (default: certifi's)."""
+    ``ca_certs``: the CA bundle TLS is verified against; None (the default): what the
+    environment names (REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE, SSL_CERT_FILE / SSL_CERT_DIR, as
+    requests and OpenSSL read them; :func:`~worker.settings.tls.trust_from`), else
+    certifi's, read at the client's first connection (a ConfigError if what it names
+    cannot be used: the worker checks it at start)."""
 
     def __init__(self, *, proxy: str | None = None, ca_certs: str | None = None) -> None:
         self.proxy = proxy
-        self.ca_certs = ca_certs or certifi.where()
+        self.ca_certs = ca_certs
+        self._trust = None if ca_certs is None else Trust(ca_certs, None, "ca_certs")
         self._idle: list[pycurl.Curl] = []  # list.append and .pop are atomic
 
     def post(
@@ -178,8 +184,19 @@ class Client:
         handle = pycurl.Curl()
         handle.setopt(pycurl.NOSIGNAL, 1)  # threads: no SIGALRM for name lookups
         handle.setopt(pycurl.POST, 1)
-        handle.setopt(pycurl.CAINFO, self.ca_certs)
-        handle.setopt(pycurl.PROXY_CAINFO, self.ca_certs)
+        trust = self._trust
+        if trust is None:
+            trust = self._trust = trust_from(os.environ)
+        for option, value in (
+            (pycurl.CAINFO, trust.cafile),
+            (pycurl.PROXY_CAINFO, trust.cafile),
+            (pycurl.CAPATH, trust.capath),
+            (pycurl.PROXY_CAPATH, trust.capath),
+        ):
+            if value is None:
+                handle.unsetopt(option)  # none: not libcurl's compiled-in default either
+            else:
+                handle.setopt(option, value)
         handle.setopt(pycurl.SSL_VERIFYPEER, 1)
         handle.setopt(pycurl.SSL_VERIFYHOST, 2)
         handle.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
