@@ -56,6 +56,7 @@ import pycurl
 import requests.utils
 
 from worker.errors import TransientUpstreamError
+from worker.settings.quoting import printable
 from worker.settings.tls import Trust, trust_from
 
 Status = Literal["accepted", "rejected", "account_fault", "transient"]
@@ -422,14 +423,7 @@ def _excerpt(text: str, limit: int, secret: str) -> str:
     """The first ``limit`` characters of ``text``, the key masked before the cut (so a key
     that straddles the cut does not leave its first part behind), every character that is
     not printable (control, bidi override, lone surrogate...) shown as its escape."""
-    return scrub(_printable(scrub(text[: _room(limit, secret)], secret)), secret)[:limit]
-
-
-def _printable(text: str) -> str:
-    """``text`` with each unprintable character as its backslash escape (``\\x1b``)."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return scrub(printable(scrub(text[: _room(limit, secret)], secret)), secret)[:limit]
 
 
 def scrub(text: str, secret: str) -> str:
