@@ -26,6 +26,7 @@ from worker.delivery.upstream import (
     classify,
     parse_retry_after,
 )
+from worker.store.vocabulary import known_code
 
 TASK_ID = 123456789
 
@@ -462,3 +463,15 @@ def test_outcome_is_immutable() -> None:
 
     with pytest.raises(AttributeError):
         outcome.status = "rejected"  # type: ignore[misc]  # the assignment the test expects refused
+
+
+@given(http_status=st.integers(0, 999), content=st.binary(max_size=64), code=CODES)
+def test_every_code_classify_gives_is_a_known_code(
+    http_status: int, content: bytes, code: str
+) -> None:
+    """Whatever the status line's number (libcurl takes any three digits) and the body, the
+    error code classify gives passes ``known_code``, the predicate the readers of stats and
+    dead letters apply (an answer that named no code: empty)."""
+    for body in (content, json.dumps({"errorId": 1, "errorCode": code}).encode()):
+        outcome = classify(http_status, body, error_codes=MAPPED)
+        assert outcome.error_code == "" or known_code(outcome.error_code, MAPPED), outcome

@@ -58,36 +58,22 @@ import requests.utils
 from worker.errors import TransientUpstreamError
 from worker.settings.quoting import printable
 from worker.settings.tls import Trust, trust_from
+from worker.store.vocabulary import (
+    ACCOUNT_FAULT_CODES,
+    OTHER,
+    REJECTED_CODES,
+    TRANSIENT_CODES,
+)
 
 Status = Literal["accepted", "rejected", "account_fault", "transient"]
 
-ACCOUNT_FAULT_CODES = frozenset(
-    {
-        "ERROR_KEY_DOES_NOT_EXIST",
-        "ERROR_ZERO_BALANCE",
-        "ERROR_IP_NOT_ALLOWED",
-        "ERROR_IP_BANNED",
-        "ERROR_IP_BLOCKED",
-    }
-)
-TRANSIENT_CODES = frozenset(
-    {"ERROR_TOO_MUCH_REQUESTS", "ERROR_NO_SLOT_AVAILABLE", "CAPTCHA_NOT_READY"}
-)
-REJECTED_CODES = frozenset(
-    {
-        "ERROR_NO_SUCH_CAPCHA_ID",
-        "WRONG_CAPTCHA_ID",
-        "ERROR_NO_SUCH_METHOD",
-        "ERROR_CAPTCHA_UNSOLVABLE",
-    }
-)
 MAX_RETRY_AFTER_S = 3600.0
 MASK = "****"
 # An Outcome's error_code (a metric label, a stats field, a dead letter's error_code) is
-# one of a bounded set: a code of the tables above or of the provider's error_codes, one we
-# make (HTTP_<status>, INVALID_JSON, TIMEOUT, CONNECTION_ERROR), or OTHER. The API's own
-# code, cut to MAX_CODE_CHARS and scrubbed, is kept at the head of the detail only.
-OTHER = "other"
+# one of a bounded set (worker.store.vocabulary.known_code): a code of the tables or of the
+# provider's error_codes, one we make (HTTP_<status>, INVALID_JSON, TIMEOUT,
+# CONNECTION_ERROR), or OTHER. The API's own code, cut to MAX_CODE_CHARS and scrubbed, is
+# kept at the head of the detail only.
 MAX_CODE_CHARS = 64
 _CODE_UNSAFE = re.compile(r"[^A-Za-z0-9_.*-]")  # "*": the mask's own letter
 
@@ -348,7 +334,7 @@ def classify(
     if not isinstance(body, dict) or "errorId" not in body:
         text = content[: 4 * _room(120, secret)].decode("utf-8", "replace")
         snippet = _excerpt(text, 120, secret).strip()
-        code = f"HTTP_{http_status}" if http_status >= 400 else "INVALID_JSON"
+        code = _http_code(http_status) if http_status >= 400 else "INVALID_JSON"
         detail = scrub(f"HTTP {http_status}, body is not the API's JSON: {snippet!r}", secret)
         status: Status = "rejected" if 400 <= http_status < 500 and not busy else "transient"
         return Outcome(status, http_status, code, detail, retry_after)
