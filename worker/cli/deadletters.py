@@ -19,6 +19,7 @@ from worker.cli.render import echo, shown
 from worker.producer import replay
 from worker.store.deadletters import REASONS, DeadLetters, Filters, check_reason, parse_age
 from worker.store.keys import Keys
+from worker.store.vocabulary import provider_codes
 
 _FILTER_OPTIONS = (
     click.option("--reason", type=click.Choice(REASONS), help="Only this reason."),
@@ -57,7 +58,8 @@ def filter_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def _dead() -> DeadLetters:
     state = current_state()
-    return DeadLetters(state.client, Keys(state.settings.key_prefix))
+    codes = provider_codes(state.settings.accounts.values())
+    return DeadLetters(state.client, Keys(state.settings.key_prefix), codes)
 
 
 def _check_selection(ids: tuple[str, ...], everything: bool, filters: Filters) -> None:

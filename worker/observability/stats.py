@@ -7,34 +7,79 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Collection
 from typing import Any
 
 import redis
 
 from worker.settings import Settings
+from worker.settings.captcha_types import KINDS
+from worker.settings.loader import ACCOUNT_NAME
 from worker.store import limits
 from worker.store.keys import Keys, split_ref
 from worker.store.ledger import WORKER_TIMEOUT_S
 from worker.store.messages import list_keys
-from worker.store.vocabulary import TERMINAL
+from worker.store.vocabulary import COUNTED, OTHER, TERMINAL, known_code, provider_codes
 
 WINDOWS_MIN = (1, 5, 15)
 SPARK_SECONDS = 60
+# A stats field as a worker writes it, "outcome|kind|error_code|account", is a few dozen
+# bytes (an account name is at most 64 characters, a code of the bounded set a few dozen).
+# A longer one is an older worker's, which wrote the API's code as sent (docs/design.md
+# §1.1): it is read no further than its ends.
+MAX_FIELD_BYTES = 1024
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def stats_field(raw: bytes, codes: Collection[str] = ()) -> str:
+    """One field of a per-minute stats hash as it is counted and shown: its outcome, kind,
+    error code and account each one of a bounded set, anything else ``other`` (an error
+    code that is not :func:`~worker.store.vocabulary.known_code` with ``codes``, the
+    providers' own, included). A field an older worker wrote with the API's code as sent —
+    900 KB, a new one per answer, the key inside — is never decoded whole: only its first
+    and last ``MAX_FIELD_BYTES // 2`` bytes are looked at, its code read as ``other``."""
+    if len(raw) > MAX_FIELD_BYTES:
+        head, tail = raw[: MAX_FIELD_BYTES // 2], raw[-(MAX_FIELD_BYTES // 2) :]
+        outcome, _, rest = head.partition(b"|")
+        kind = rest.partition(b"|")[0]
+        code, account = b"|", tail.rpartition(b"|")[2]  # "|": no code holds it
+    else:
+        outcome, _, rest = raw.partition(b"|")
+        kind, _, rest = rest.partition(b"|")
+        code, _, account = rest.rpartition(b"|")
+    outcome_s, kind_s, code_s, account_s = (
+        part.decode("utf-8", "replace") for part in (outcome, kind, code, account)
+    )
+    return "|".join(
+        (
+            outcome_s if outcome_s in COUNTED else OTHER,
+            kind_s if kind_s in KINDS or not kind_s else OTHER,
+            code_s if not code_s or known_code(code_s, codes) else OTHER,
+            account_s if ACCOUNT_NAME.match(account_s) or not account_s else OTHER,
+        )
+    )
+
+
 def minute_counts(
-    client: redis.Redis, keys: Keys, minutes: int, now: float
+    client: redis.Redis, keys: Keys, minutes: int, now: float, codes: Collection[str] = ()
 ) -> list[dict[str, int]]:
-    """The per-minute counter hashes for the last ``minutes`` minutes, oldest first."""
+    """The per-minute counter hashes for the last ``minutes`` minutes, oldest first, each
+    field read by :func:`stats_field` (``codes``: the providers' own error codes), so an
+    older worker's many raw codes are counted together as ``other``."""
     current = int(now // 60)
     pipe = client.pipeline(transaction=False)
     for minute in range(current - minutes + 1, current + 1):
         pipe.hgetall(keys.stats(minute))
-    return [{_text(k): int(v) for k, v in row.items()} for row in pipe.execute()]
+    rows = []
+    for row in pipe.execute():
+        counts: dict[str, int] = defaultdict(int)
+        for field, value in row.items():
+            counts[stats_field(field, codes)] += int(value)
+        rows.append(dict(counts))
+    return rows
 
 
 def _orphaned(client: redis.Redis, keys: Keys, suspects: list[str]) -> int:
@@ -55,6 +100,31 @@ def _orphaned(client: redis.Redis, keys: Keys, suspects: list[str]) -> int:
             1 for state, owner in pipe.execute() if state == b"q" and owner == message_id.encode()
         )
     return count
+
+
+def _paused_accounts(
+    client: redis.Redis, keys: Keys, paused: list[Any], now: float, codes: Collection[str]
+) -> list[dict[str, Any]]:
+    """The accounts paused now, with the error code that paused each (one of the bounded
+    set: an older worker's pause may hold the API's code as sent, read as ``other``)."""
+    found = []
+    for account, until in paused:
+        name = _text(account)
+        if until <= now:
+            continue
+        reason = client.get(keys.paused_reason(name))
+        code = (json.loads(reason) if reason else {}).get("error_code")
+        if code is not None and not (isinstance(code, str) and known_code(code, codes)):
+            code = OTHER
+        found.append(
+            {
+                "account": name,
+                "until": until,
+                "remaining_s": round(until - now, 1),
+                "error_code": code,
+            }
+        )
+    return found
 
 
 def snapshot(
@@ -95,7 +165,8 @@ def snapshot(
             age = max(0.0, now - float(_text(entry).split("|", 1)[0]))
             oldest_age = age if oldest_age is None else max(oldest_age, age)
 
-    rows = minute_counts(client, keys, max(WINDOWS_MIN), now)
+    codes = provider_codes(settings.accounts.values())
+    rows = minute_counts(client, keys, max(WINDOWS_MIN), now, codes)
     windows: dict[str, Any] = {}
     for span in WINDOWS_MIN:
         by_outcome: dict[str, int] = defaultdict(int)
@@ -116,21 +187,6 @@ def snapshot(
             "per_second": round(done / (span * 60), 3),
         }
 
-    paused_accounts = []
-    for account, until in paused:
-        name = _text(account)
-        if until <= now:
-            continue
-        reason = client.get(keys.paused_reason(name))
-        info = json.loads(reason) if reason else {}
-        paused_accounts.append(
-            {
-                "account": name,
-                "until": until,
-                "remaining_s": round(until - now, 1),
-                "error_code": info.get("error_code"),
-            }
-        )
     return {
         "at": now,
         "queue": settings.queue,
@@ -149,7 +205,7 @@ def snapshot(
             "by_reason": {_text(k): int(v) for k, v in dead_by_reason.items() if int(v) > 0},
         },
         "per_second_last_60s": [int(v or 0) for v in per_second],
-        "paused_accounts": paused_accounts,
+        "paused_accounts": _paused_accounts(client, keys, paused, now, codes),
         "accounts": {
             name: {
                 "provider": a.provider.name,

@@ -6,13 +6,21 @@ HTTP status, attempts, enqueue and failure times, the last error — and never a
 stream id (``1764460800000-0``) is the dead letter's id. Replay goes through the normal
 enqueue path (validation, dedup, a fresh deadline) and removes the entry in the same
 atomic step, so a replayed report is never both queued and dead, nor lost between.
+
+An entry is read as a current worker writes it (docs/design.md §1.1), whatever an older
+one wrote: its error_code one of the bounded set (:func:`~worker.store.vocabulary.
+known_code`, the providers' own codes included) or ``other`` — an older worker's raw API
+code, 900 KB or holding the key, is not decoded; it is still readable, as the worker cut
+it, at the head of ``error`` — and every text at most ``MAX_ERROR_CHARS`` characters.
+list, show and export all read entries so: export stays faithful (every field, every
+known code as stored) and bounded.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -25,6 +33,8 @@ from worker.store.keys import Keys
 from worker.store.ledger import Ledger
 
 REASONS = vocabulary.REASONS
+MAX_TEXT_CHARS = vocabulary.MAX_ERROR_CHARS  # any text field of an entry, as read
+_CODE_BYTES = 256  # a known code is a few dozen: a longer one is an older worker's raw code
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _ID = re.compile(r"^([0-9]{1,20})-([0-9]{1,20})$")
@@ -104,9 +114,22 @@ def _str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _decode(entry_id: Any, fields: dict[Any, Any]) -> DeadLetter:
-    # bytes that are not UTF-8 (an API's, stored by an older worker) shown as \xNN
-    f = {k.decode(): v.decode("utf-8", "backslashreplace") for k, v in fields.items()}
+def _text(raw: bytes) -> str:
+    """A field's text, at most ``MAX_TEXT_CHARS`` characters, decoded no further; bytes
+    that are not UTF-8 (an API's, stored by an older worker) shown as \\xNN."""
+    return raw[: 4 * MAX_TEXT_CHARS].decode("utf-8", "backslashreplace")[:MAX_TEXT_CHARS]
+
+
+def _code(raw: bytes | None, codes: Collection[str]) -> str | None:
+    """A stored error code as read: a known one, else ``other`` (not decoded if long)."""
+    if not raw:
+        return None
+    code = raw.decode("utf-8", "replace") if len(raw) <= _CODE_BYTES else vocabulary.OTHER
+    return code if vocabulary.known_code(code, codes) else vocabulary.OTHER
+
+
+def _decode(entry_id: Any, fields: dict[Any, Any], codes: Collection[str] = ()) -> DeadLetter:
+    f = {k.decode(): _text(v) for k, v in fields.items() if k != b"error_code"}
 
     def number(name: str) -> float | None:
         return float(f[name]) if f.get(name) else None
@@ -118,7 +141,7 @@ def _decode(entry_id: Any, fields: dict[Any, Any]) -> DeadLetter:
         kind=f.get("kind", ""),
         account=f.get("account", ""),
         reason=f.get("reason", ""),
-        error_code=f.get("error_code") or None,
+        error_code=_code(fields.get(b"error_code"), codes),
         http_status=int(f["http_status"]) if f.get("http_status") else None,
         attempts=int(f.get("attempts") or 0),
         deliveries=int(f.get("deliveries") or 0),
@@ -129,10 +152,14 @@ def _decode(entry_id: Any, fields: dict[Any, Any]) -> DeadLetter:
 
 
 class DeadLetters:
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+    """The dead-letter stream. ``codes``: the providers' own error codes (known codes,
+    read as stored; :func:`~worker.store.vocabulary.provider_codes`)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, codes: Collection[str] = ()) -> None:
         self.client = client
         self.keys = keys
         self.key = keys.dead
+        self.codes = frozenset(codes)
 
     def count(self) -> int:
         return int(self.client.xlen(self.key))
@@ -153,7 +180,7 @@ class DeadLetters:
             else:
                 page = self.client.xrange(self.key, min=low, max=high, count=_PAGE)
             for entry_id, fields in page:
-                letter = _decode(entry_id, fields)
+                letter = _decode(entry_id, fields, self.codes)
                 if filters.match(letter):
                     yield letter
             if len(page) < _PAGE:
@@ -176,7 +203,7 @@ class DeadLetters:
     def get(self, entry_id: str) -> DeadLetter | None:
         check_id(entry_id)
         page: Any = self.client.xrange(self.key, min=entry_id, max=entry_id, count=1)
-        return _decode(*page[0]) if page else None
+        return _decode(page[0][0], page[0][1], self.codes) if page else None
 
     def select(self, ids: Sequence[str], filters: Filters, everything: bool) -> list[DeadLetter]:
         """The dead letters a replay or purge acts on: ids, or filters, or ``everything``."""

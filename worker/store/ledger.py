@@ -53,7 +53,7 @@ from worker.store import calls as guarded
 from worker.store import messages, replication, scripts
 from worker.store.keys import UNACKED, UNACKED_INDEX, Keys
 from worker.store.records import Claim, Claimed, Record, as_text, parse_claim, parse_taken
-from worker.store.vocabulary import Finish
+from worker.store.vocabulary import MAX_ERROR_CHARS, Finish
 
 # An enqueue call's token outlives the caller's retries by this much (``enqueue_args``).
 TOKEN_SLACK_S = 30
@@ -281,7 +281,7 @@ class Ledger:
                 r.attempts,
                 r.error_code,
                 "" if r.http_status is None else r.http_status,
-                r.error[:500],
+                r.error[:MAX_ERROR_CHARS],
                 f"{r.due:.6f}" if timed else r.reason,
                 r.stats_field,
                 planned,

@@ -94,6 +94,8 @@ WORKER_CODES = frozenset(
      "NO_CLIENT_KEY"}
 )  # fmt: skip
 OTHER = "other"
+# a dead letter's error (the outcome's detail) is written cut to this, and read so
+MAX_ERROR_CHARS = 500
 _HTTP_CODE = re.compile(r"HTTP_[1-5][0-9][0-9]")  # HTTP_<status> for 100-599
 _TABLE = ACCOUNT_FAULT_CODES | TRANSIENT_CODES | REJECTED_CODES | WORKER_CODES | {OTHER}
 
