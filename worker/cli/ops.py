@@ -112,7 +112,7 @@ def _mask(key: str | None) -> str:
 @click.option("--latency-ms", type=click.FloatRange(0), default=0.0, help="Delay every answer.")
 @click.option(
     "--profile",
-    type=click.Choice(["any", "capmonster", "anticaptcha", "twocaptcha"]),
+    type=click.Choice(["any", "capmonster", "anticaptcha", "twocaptcha", "rucaptcha"]),
     default="any",
     show_default=True,
     help="Which API to play: its paths and error shapes.",

@@ -8,8 +8,9 @@ Anti-Captcha protocol call them; the intake accepts them too), so the ``capmonst
 profile adds Anti-Captcha's paths for those families.
 
 Error answers are ``{"errorId": N, "errorCode": ..., "errorDescription": ...}``. CapMonster
-answers ``errorId`` 1 for every error; Anti-Captcha and 2Captcha number their codes, and as
-``providers.toml`` has no place for those numbers they are kept here.
+answers ``errorId`` 1 for every error; Anti-Captcha and 2Captcha (and so RuCaptcha, 2Captcha's
+API on its own host) number their codes, and as ``providers.toml`` has no place for those
+numbers they are kept here.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ _NUMBERED = {
     "ERROR_IP_NOT_ALLOWED": 11, "ERROR_CAPTCHA_UNSOLVABLE": 12, "ERROR_NO_SUCH_METHOD": 14,
     "ERROR_NO_SUCH_CAPCHA_ID": 16, "ERROR_IP_BLOCKED": 21, "ERROR_TOO_MUCH_REQUESTS": 29,
 }  # fmt: skip
-_ERROR_IDS: dict[str, Mapping[str, int]] = {"anticaptcha": _NUMBERED, "twocaptcha": _NUMBERED}
+_ERROR_IDS: dict[str, Mapping[str, int]] = {
+    "anticaptcha": _NUMBERED, "twocaptcha": _NUMBERED, "rucaptcha": _NUMBERED,
+}  # fmt: skip
 _DESCRIPTIONS = {
     "ERROR_KEY_DOES_NOT_EXIST": "Account authorization key not found in the system",
     "ERROR_NO_SUCH_CAPCHA_ID": "Captcha with such ID was not found in the system",
