@@ -314,7 +314,9 @@ class ReportSteps:
                 log.warning("ratelimit.pushed_back", account=account.name,
                             error_code=outcome.error_code, cool_down_s=cooling)  # fmt: skip
         if step.action == "accepted":
-            field = f"accepted|{ctx['kind']}||{ctx['account']}"
+            # a provider's code that means done (2Captcha's ERROR_DUPLICATE_REPORT) stays
+            # visible on the accepted outcome: log line, metric label, stats field
+            field = f"accepted|{ctx['kind']}|{outcome.error_code}|{ctx['account']}"
 
             def accepted(recorded: bool) -> None:
                 self.announce("report.accepted", **ctx)

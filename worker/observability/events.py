@@ -61,8 +61,8 @@ class MetricUpdates:
         if event == "report.recovered":
             m.recovered.labels(str(fields.get("why", ""))).inc()
             return
-        if event == "report.accepted":
-            m.outcome(Outcome.ACCEPTED, kind, None)
+        if event == "report.accepted":  # a code only when a provider's code means done
+            m.outcome(Outcome.ACCEPTED, kind, fields.get("error_code"))
         elif event == "report.retrying":
             m.outcome(Outcome.RETRYING, kind, fields.get("error_code"))
         elif event == "report.dead_lettered":
