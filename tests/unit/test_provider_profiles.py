@@ -113,3 +113,17 @@ def test_twocaptcha_codes_mean_nothing_special_elsewhere(provider: str) -> None:
     for code in ("ERROR_DUPLICATE_REPORT", "ERROR_REPORT_NOT_RECORDED"):
         outcome = classify(200, api_error(code), error_codes=codes)
         assert ("rejected", OTHER) == (outcome.status, outcome.error_code)
+
+
+def test_sandbox_command_plays_every_profile() -> None:
+    """`report-forwarder sandbox --profile` offers exactly the sandbox's profiles: `any` and
+    one per checked-in provider, rucaptcha included."""
+    import click
+
+    from worker.cli import main
+    from worker.testing.sandbox_profiles import PROFILES
+
+    command = main.commands["sandbox"]
+    (choice,) = (p.type for p in command.params if p.name == "profile")
+    assert isinstance(choice, click.Choice)
+    assert {"any", *builtin_providers()} == set(choice.choices) == set(PROFILES)
