@@ -1,6 +1,7 @@
 """A password (or a query value) in an API URL is never shown: check-config (text and JSON),
 accounts list, the outcome log lines' ``endpoint`` and the settings' error messages show
-``user:****@host`` and ``?name=****``, as Redis URLs are shown."""
+``user:****@host`` and ``?name=****``, as Redis URLs are shown. A query or a fragment is
+refused (the endpoint's path is appended to the URL): one line, masked, exit 2."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from worker.settings import Settings, load_settings
 from worker.settings.quoting import masked_url
 from worker.testing.sandbox import Sandbox
 
+from .clirun import run_cli
 from .conftest import FAST_RECOVERY, running_worker, wait_until
 
 PREFIX = "Qx7PW"  # a password's distinctive start: no other word of the output holds it
@@ -62,24 +64,70 @@ def test_check_config_masks_a_password_in_the_api_url(
         assert f"'base_url': '{shown}'" in out
 
 
-def test_an_accounts_api_url_and_its_query_are_masked_in_check_config_and_accounts(
+def test_an_accounts_api_url_password_is_masked_in_check_config_and_accounts(
     env: dict[str, str], redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    """An account's api_url in the config file with a password and ``?key=...`` is shown with
-    both masked by check-config and by accounts list --json."""
+    """An account's api_url in the config file with a password is shown with it masked by
+    check-config and by accounts list --json."""
     del redis_client  # flushed
     path = tmp_path / "c.toml"
     path.write_text(
         '[accounts.other]\nprovider = "capmonster"\nkey_env = "OTHER_KEY"\n'
         'rate_limit = "1/s"\n'
-        f'api_url = "http://u:{PREFIX}a@127.0.0.1:1/api?key={PREFIX}b&v=2"\n'
+        f'api_url = "http://u:{PREFIX}a@127.0.0.1:1/api"\n'
     )
     environ = env | {"REPORT_FORWARDER_CONFIG": str(path), "REPORT_FORWARDER_API_URL": ""}
     for args in (["check-config"], ["check-config", "--json"], ["accounts", "list", "--json"]):
         code, out, err = _cli(environ, *args)
         assert 0 == code, err
         assert PREFIX not in out + err
-        assert "http://u:****@127.0.0.1:1/api?key=****&v=****" in out
+        assert "http://u:****@127.0.0.1:1/api" in out
+
+
+@pytest.mark.parametrize(
+    ("toml", "var", "key", "shown"),
+    [
+        (
+            '[accounts.other]\nprovider = "capmonster"\nkey_env = "OTHER_KEY"\n'
+            'rate_limit = "1/s"\napi_url = "http://u:{pw}a@127.0.0.1:1/api?key={pw}b&v=2"\n',
+            "",
+            "accounts.other.api_url",
+            "'http://u:****@127.0.0.1:1/api?key=****&v=****'",
+        ),
+        (
+            '[providers.capmonster]\nbase_url = "https://127.0.0.1:1/x#{pw}"\n',
+            "",
+            "providers.capmonster.base_url",
+            "'https://127.0.0.1:1/x#****'",
+        ),
+        (
+            "",
+            "https://ops:{pw}@127.0.0.1:1/x?{pw}",
+            "api_url_override",
+            "'https://ops:****@127.0.0.1:1/x?****' (from REPORT_FORWARDER_API_URL)",
+        ),
+    ],
+)
+def test_check_config_refuses_a_query_or_fragment_in_one_masked_line(
+    env: dict[str, str], tmp_path: Path, toml: str, var: str, key: str, shown: str
+) -> None:
+    """check-config, in-process and as a real subprocess, refuses an API URL with a query
+    or a fragment: exit 2, one line on stderr naming the key, the URL masked, what is
+    accepted, no password or query value."""
+    path = tmp_path / "c.toml"
+    path.write_text(toml.format(pw=PREFIX))
+    environ = env | {
+        "REPORT_FORWARDER_CONFIG": str(path),
+        "REPORT_FORWARDER_API_URL": var.format(pw=PREFIX),
+    }
+    in_process = _cli(environ, "check-config")
+    real = run_cli(environ, "check-config")
+    for code, out, err in (in_process, (real.returncode, real.stdout, real.stderr)):
+        lines = err.splitlines()
+        assert (2, 1) == (code, len(lines)), err
+        assert lines[0].startswith(f"error: {key} = {shown}: expected an http:// or https:// URL")
+        assert "is not accepted" in lines[0]
+        assert PREFIX not in out + err
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.errors import ConfigError
+from worker.settings.api_url import check_api_url
 from worker.settings.captcha_types import CaptchaTypes
 from worker.settings.models import (
     DEFAULT_CONNECT_RETRY_S,
@@ -30,7 +31,7 @@ from worker.settings.models import (
     Settings,
     default_home,
 )
-from worker.settings.quoting import abbreviate, masked_url
+from worker.settings.quoting import abbreviate
 from worker.settings.redis_url import check_redis_url
 
 DEFAULT_FILES = ("report-forwarder.toml", "providers.toml", "captcha-types.toml")
@@ -384,8 +385,7 @@ def _providers(r: _Reader) -> dict[str, Provider]:
             if outcome not in allowed:
                 raise r.fail(f"providers.{name}.error_codes.{code}", outcome, f"one of {allowed}")
         base_url = r.string(f"providers.{name}.base_url")
-        if not base_url.startswith(("http://", "https://")):
-            raise r.fail(f"providers.{name}.base_url", masked_url(base_url), "an http(s):// URL")
+        check_api_url(r.fail, f"providers.{name}.base_url", base_url)
         providers[name] = Provider(
             name=name,
             base_url=base_url,
@@ -402,8 +402,8 @@ def _accounts(
     table = r.get("accounts", {})
     if not isinstance(table, Mapping) or not table:
         raise ConfigError("[accounts] is empty: configure at least [accounts.default]")
-    if api_url_override and not api_url_override.startswith(("http://", "https://")):
-        raise r.fail("api_url_override", masked_url(api_url_override), "an http(s):// URL")
+    if api_url_override:
+        check_api_url(r.fail, "api_url_override", api_url_override)
     accounts = {}
     for name in table:
         if not ACCOUNT_NAME.match(name):
@@ -429,8 +429,7 @@ def _accounts(
         if r.get(f"{prefix}.deadline_s") is not None:
             deadline = min(r.number(f"{prefix}.deadline_s", minimum=1), provider.deadline_s)
         base_url = api_url_override or r.string(f"{prefix}.api_url") or provider.base_url
-        if not base_url.startswith(("http://", "https://")):
-            raise r.fail(f"{prefix}.api_url", masked_url(base_url), "an http(s):// URL")
+        check_api_url(r.fail, f"{prefix}.api_url", base_url)
         accounts[name] = Account(
             name=name,
             provider=provider,
