@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import redis
 
-from worker.errors import ForwarderError, ReportError
+from worker.errors import ForwarderError, ReportError, StoreOutcomeUnknownError
 from worker.observability.logs import LibraryLogger
 from worker.settings import Settings, abbreviate, load_settings
 from worker.store import connection as store
@@ -232,11 +232,14 @@ class Producer:
 
     def enqueue_rows(self, rows: Sequence[EnqueueRow], per_message: int = 1) -> list[int]:
         """Queue validated rows (:meth:`row`) in one round trip; one flag each (1 queued,
-        0 duplicate). A Redis failure is a StoreError (or ConfigError) naming the Redis."""
+        0 duplicate). A Redis failure is a StoreError (or ConfigError) naming the Redis; a
+        write that may have reached Redis unanswered, a StoreOutcomeUnknownError."""
         try:
             return self.ledger.enqueue(rows, per_message=per_message)
         except redis.RedisError as exc:
             raise store.translate(exc, self.redis, "could not enqueue") from exc
+        except StoreOutcomeUnknownError:
+            raise  # named by the ledger; translated again it would read "nothing accepted"
         except ForwarderError as exc:  # translated below us, without the address
             cause = exc.__cause__
             if not isinstance(cause, redis.RedisError) or self.redis in str(exc):

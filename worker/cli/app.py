@@ -119,6 +119,8 @@ def _translated(exc: redis.RedisError | ForwarderError, url: str | None) -> Forw
     """Our error for ``exc``; a Redis failure names the Redis tried (password masked)."""
     if isinstance(exc, redis.RedisError):
         return store.translate(exc, url)
+    if isinstance(exc, StoreOutcomeUnknownError):
+        return exc  # translated again from its cause, it would read "nothing accepted"
     cause = exc.__cause__
     if url and isinstance(cause, redis.RedisError) and store.describe(url) not in str(exc):
         return store.translate(cause, url)  # translated below us, without the address

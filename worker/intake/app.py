@@ -42,7 +42,12 @@ import redis
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from worker.errors import ReportError, StoreError, StoreOutcomeUnknownError
+from worker.errors import (
+    ReportError,
+    StoreError,
+    StoreOutcomeUnknownError,
+    StoreUnreplicatedError,
+)
 from worker.intake.batching import Batcher, ClientLimiter
 from worker.intake.input import (
     ClientGoneError,
@@ -106,8 +111,9 @@ _UNAVAILABLE = (
     b'{"errorId":1,"errorCode":"ERROR_SERVICE_UNAVAILABLE",'
     b'"errorDescription":"the queue is unreachable; retry shortly"}'
 )
-# A StoreOutcomeUnknownError (too few replicas confirmed the enqueue): the report is on the
-# primary and may be delivered, so the answer is "retry here", never "not accepted"
+# A StoreOutcomeUnknownError (too few replicas confirmed the enqueue, or its answer was
+# lost after it was sent): the report may be queued and delivered, so the answer is
+# "retry here", never "not accepted"
 UNCONFIRMED_CODE = "ERROR_OUTCOME_UNKNOWN"
 UNCONFIRMED = (
     "the report may be queued: the queue's primary has it, but fewer replicas than "
@@ -120,9 +126,26 @@ UNCONFIRMED_BULK = (
     "not_queued were not tried. Retrying them, or the whole request, here is safe "
     "(report-forwarder deduplicates); sending the unconfirmed ones elsewhere is not"
 )
-_UNCONFIRMED = json.dumps(
-    {"errorId": 1, "errorCode": UNCONFIRMED_CODE, "errorDescription": UNCONFIRMED}
-).encode()
+LOST = (
+    "the report may be queued: the enqueue may have reached the queue, but its answer was "
+    "lost (a timeout or a dropped connection). Retrying here is safe (report-forwarder "
+    "deduplicates: it is not sent twice); sending it elsewhere is not"
+)
+LOST_BULK = (
+    "the reports listed in unconfirmed may be queued (their enqueue may have reached the "
+    "queue, but its answer was lost: a timeout or a dropped connection); those in "
+    "not_queued were not tried. Retrying them, or the whole request, here is safe "
+    "(report-forwarder deduplicates); sending the unconfirmed ones elsewhere is not"
+)
+
+
+def _unknown(description: str) -> bytes:
+    return json.dumps(
+        {"errorId": 1, "errorCode": UNCONFIRMED_CODE, "errorDescription": description}
+    ).encode()
+
+
+_UNCONFIRMED, _LOST = _unknown(UNCONFIRMED), _unknown(LOST)
 
 
 class Intake:
@@ -186,7 +209,8 @@ class Intake:
             status, ctype, body = 503, b"application/json", _UNAVAILABLE
         except StoreOutcomeUnknownError as exc:  # may be queued: retrying here is safe
             log.warning("intake.unconfirmed", route=route, error=str(exc))
-            status, ctype, body = 503, b"application/json", _UNCONFIRMED
+            body = _UNCONFIRMED if isinstance(exc, StoreUnreplicatedError) else _LOST
+            status, ctype = 503, b"application/json"
         except ClientGoneError:
             self.requests.labels(route, "gone").inc()
             return
@@ -284,9 +308,11 @@ class Intake:
         return _SUCCESS
 
     async def _bulk(self, body: bytes) -> tuple[int, bytes]:
-        """(status, answer): 200, or 503 when too few replicas confirmed a chunk — the
-        answer then names the items that may be queued (``unconfirmed``) and those not
-        tried (``not_queued``); retrying them, or the whole request, here is safe."""
+        """(status, answer): 200, or 503 when a chunk's outcome is unknown (too few
+        replicas confirmed it, or its answer was lost) — the answer then names the items
+        that may be queued (``unconfirmed``) and those not tried (``not_queued``), and
+        counts those of the chunks answered before; retrying them, or the whole request,
+        here is safe."""
         rows: list[EnqueueRow] = []
         indexes: list[int] = []  # each row's index in the request
         refused: list[dict[str, Any]] = []
@@ -310,7 +336,8 @@ class Intake:
             except StoreOutcomeUnknownError as exc:
                 log.warning("intake.unconfirmed", route="/v1/reports", error=str(exc))
                 status, doc = 503, {"errorId": 1, "errorCode": UNCONFIRMED_CODE}
-                doc["errorDescription"] = UNCONFIRMED_BULK
+                unreplicated = isinstance(exc, StoreUnreplicatedError)
+                doc["errorDescription"] = UNCONFIRMED_BULK if unreplicated else LOST_BULK
                 doc["unconfirmed"] = indexes[start : start + BATCH]
                 doc["not_queued"] = indexes[start + BATCH :]
                 break

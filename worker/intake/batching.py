@@ -7,8 +7,9 @@ import asyncio
 import time
 from typing import Any
 
-from worker.store import replication
-from worker.store.connection import transient
+from worker.errors import ForwarderError, StoreOutcomeUnknownError
+from worker.store import outcome, replication
+from worker.store.connection import transient, translate
 from worker.store.keys import Keys
 from worker.store.ledger import enqueue_args, parse_flags
 from worker.store.vocabulary import EnqueueRow
@@ -65,9 +66,17 @@ class Batcher:
                 assert waiter is not None
                 try:
                     args = enqueue_args(self.keys, self.queue, rows, acks=self.acks)
-                    # one timeout per round trip (cheaper than a socket timeout per command)
-                    async with asyncio.timeout(ROUND_TRIP_TIMEOUT_S):
-                        flags = await self._round_trip(args)
+                    with outcome.watching() as sends:
+                        try:
+                            # one timeout per round trip (cheaper than a socket timeout
+                            # per command)
+                            async with asyncio.timeout(ROUND_TRIP_TIMEOUT_S):
+                                flags = await self._round_trip(args)
+                        except Exception as exc:
+                            unknown = _unknown_if_lost(exc, sends)
+                            if unknown is None:
+                                raise
+                            raise unknown from exc
                 except Exception as exc:  # every request of this batch gets the failure
                     waiter.set_exception(exc)
                     waiter.exception()  # retrieved: no "never retrieved" warning if all left
@@ -89,6 +98,7 @@ class Batcher:
                     return await self._acked(args)
                 return parse_flags(await self.script(args=args))
             except Exception as exc:
+                outcome.note(exc)  # it may have run: a retry answers "duplicate" then
                 if not transient(exc) or time.monotonic() + delay > deadline:
                     raise
             await asyncio.sleep(delay)
@@ -107,6 +117,16 @@ class Batcher:
             budget_s=min(self.acks.budget_s, ROUND_TRIP_TIMEOUT_S - 1),
             parse=parse_flags,
         )
+
+
+def _unknown_if_lost(exc: Exception, sends: outcome.Sends) -> ForwarderError | None:
+    """A StoreOutcomeUnknownError if this or an earlier attempt of the round trip that
+    failed with ``exc`` may have reached Redis unanswered (its reports may be queued);
+    None if none did (or ``exc`` says so already)."""
+    sends.note(exc)
+    if sends.lost is None or isinstance(exc, StoreOutcomeUnknownError):
+        return None
+    return translate(exc, None, "enqueue not confirmed", lost=sends.lost)
 
 
 class ClientLimiter:

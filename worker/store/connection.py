@@ -17,9 +17,10 @@ from urllib.parse import quote
 
 import redis
 import redis.asyncio
+import redis.asyncio.retry
 import redis.asyncio.sentinel
 import redis.sentinel
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from worker.errors import (
@@ -27,11 +28,12 @@ from worker.errors import (
     ForwarderError,
     StoreError,
     StoreFullError,
+    StoreOutcomeUnknownError,
     StoreUnreachableError,
 )
 from worker.settings import Settings, mask_url
 from worker.settings.redis_url import SentinelTarget, is_sentinel, parse_sentinel
-from worker.store import embedded
+from worker.store import embedded, outcome
 
 T = TypeVar("T")
 
@@ -45,10 +47,45 @@ SHORT_CONNECT_TIMEOUT_S = 3.0
 SHORT_READ_TIMEOUT_S = 4.0
 
 
+class _NotingRetry(Retry):
+    """redis-py's Retry that tells :mod:`worker.store.outcome` of every failed attempt
+    (an enqueue that fails later still knows an earlier attempt may have run)."""
+
+    def call_with_retry(
+        self,
+        do: Callable[[], T],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> T:
+        def noted(error: Exception, *count: int) -> Any:
+            outcome.note(error)
+            return fail(error, *count)
+
+        return super().call_with_retry(do, noted, is_retryable, with_failure_count)
+
+
+class _NotingAsyncRetry(redis.asyncio.retry.Retry):
+    """:class:`_NotingRetry` for the asyncio client (redis-py's default policy)."""
+
+    async def call_with_retry(
+        self,
+        do: Callable[[], Any],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> Any:
+        async def noted(error: Exception, *count: int) -> Any:
+            outcome.note(error)
+            return await fail(error, *count)
+
+        return await super().call_with_retry(do, noted, is_retryable, with_failure_count)
+
+
 class BoundedRetry(Retry):
     """Retries connection loss and ``LOADING`` until ``budget_s`` has passed since the call
     began (a time, not a count, so slow attempts cannot add up); never retries a refused
-    password, which no retry can fix."""
+    password, which no retry can fix. Every failed attempt is noted (worker.store.outcome)."""
 
     def __init__(self, budget_s: float) -> None:
         super().__init__(ExponentialBackoff(cap=1.0, base=0.05), -1, supported_errors=_RETRY_ON)
@@ -68,6 +105,7 @@ class BoundedRetry(Retry):
             try:
                 return do()
             except self._supported_errors as error:
+                outcome.note(error)
                 if isinstance(error, redis.AuthenticationError):
                     raise
                 if is_retryable is not None and not is_retryable(error):
@@ -208,7 +246,8 @@ def connect(url: str, *, retries: int = _RETRIES, retry_s: float | None = None) 
     A URL redis-py cannot use is a :class:`ConfigError`."""
     retry: Retry
     if retry_s is None:
-        retry = Retry(ExponentialBackoff(cap=4.0, base=0.05), retries, supported_errors=_RETRY_ON)
+        backoff = ExponentialBackoff(cap=4.0, base=0.05)
+        retry = _NotingRetry(backoff, retries, supported_errors=_RETRY_ON)
         connect_timeout, read_timeout = 5.0, 10.0
     else:
         retry = BoundedRetry(retry_s)
@@ -247,7 +286,13 @@ def connect(url: str, *, retries: int = _RETRIES, retry_s: float | None = None) 
 
 def connect_async(url: str, connect_timeout_s: float = 5.0) -> redis.asyncio.Redis:
     """An asyncio client (the intake's): a plain URL, or the primary a Sentinel URL names,
-    looked up again on every new connection."""
+    looked up again on every new connection. redis-py's default retry policy, each failed
+    attempt noted (worker.store.outcome)."""
+    defaults = redis.asyncio.client
+    backoff = ExponentialWithJitterBackoff(
+        base=defaults.DEFAULT_RETRY_BASE, cap=defaults.DEFAULT_RETRY_CAP
+    )
+    retry = _NotingAsyncRetry(backoff, defaults.DEFAULT_RETRY_COUNT)
     if is_sentinel(url):
         target = parse_sentinel(url)
         sentinel: Any = redis.asyncio.sentinel.Sentinel(
@@ -258,10 +303,11 @@ def connect_async(url: str, connect_timeout_s: float = 5.0) -> redis.asyncio.Red
             target.master_name,
             redis_class=redis.asyncio.Redis,
             socket_connect_timeout=connect_timeout_s,
+            retry=retry,
             **_data_kwargs(target),
         )
         return client
-    return redis.asyncio.Redis.from_url(url, socket_connect_timeout=connect_timeout_s)
+    return redis.asyncio.Redis.from_url(url, socket_connect_timeout=connect_timeout_s, retry=retry)
 
 
 def close(client: redis.Redis) -> None:
@@ -312,11 +358,18 @@ def describe_client(client: redis.Redis) -> str:
 _OOM = "command not allowed when used memory > 'maxmemory'"
 
 
-def translate(exc: BaseException, url: str | None = None, doing: str = "") -> ForwarderError:
+def translate(
+    exc: BaseException,
+    url: str | None = None,
+    doing: str = "",
+    *,
+    lost: BaseException | None = None,
+) -> ForwarderError:
     """The project's error for a redis-py failure, one line: :class:`StoreFullError` (out of
     memory), :class:`StoreUnreachableError`, :class:`ConfigError` for what no retry can fix
     (a database index the server does not have, refused credentials), else
-    :class:`StoreError`.
+    :class:`StoreError`. With ``lost`` (an earlier or this attempt of a write that may have
+    reached Redis unanswered, worker.store.outcome), a :class:`StoreOutcomeUnknownError`.
 
     ``doing`` says what was being attempted ("could not enqueue"); ``url`` names the Redis
     tried (password masked)."""
@@ -324,6 +377,14 @@ def translate(exc: BaseException, url: str | None = None, doing: str = "") -> Fo
     where = f" at {shown}" if url else ""
     prefix = f"{doing}: " if doing else ""
     text = " ".join(str(exc).split())
+    if lost is not None:
+        sent = " ".join(str(lost).split()) or type(lost).__name__
+        then = f"; then: {text}" if text and text != sent else ""
+        return StoreOutcomeUnknownError(
+            f"{prefix}the write may have reached Redis{where}, but its answer was lost "
+            f"({sent}{then}), so the reports may be queued and delivered; retrying through "
+            "report-forwarder is safe (it deduplicates), sending them elsewhere is not"
+        )
     if isinstance(exc, redis.exceptions.OutOfMemoryError) or _OOM in text:
         return StoreFullError(
             f"{prefix}Redis{where} is out of memory (maxmemory reached, noeviction): nothing "

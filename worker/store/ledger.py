@@ -49,8 +49,10 @@ from typing import Any
 
 import redis
 
+from worker.errors import ConfigError, StoreError
 from worker.store import calls as guarded
-from worker.store import messages, replication, scripts
+from worker.store import messages, outcome, replication, scripts
+from worker.store.connection import describe_client, translate
 from worker.store.keys import UNACKED, UNACKED_INDEX, Keys
 from worker.store.records import Claim, Claimed, Record, as_text, parse_claim, parse_taken
 from worker.store.vocabulary import MAX_ERROR_CHARS, Finish
@@ -158,11 +160,24 @@ class Ledger:
         if not rows:
             return []
         args = enqueue_args(self.keys, self.queue, rows, per_message, self.acks)
-        if not self.acks.replicas:
-            return parse_flags(self._run(self._enqueue, args))
-        # a re-run with the call's token answers as the first run did; if a failover lost
-        # the first run (token and all), the re-run queues afresh: queued if either did
-        return self.waiter.enqueue(self._enqueue, args, parse_flags)
+        with outcome.watching() as sends:
+            try:
+                if not self.acks.replicas:
+                    return parse_flags(self._run(self._enqueue, args))
+                # a re-run with the call's token answers as the first run did; if a failover
+                # lost the first run (token and all), the re-run queues afresh: queued if
+                # either did
+                return self.waiter.enqueue(self._enqueue, args, parse_flags)
+            except (StoreError, ConfigError) as exc:
+                # an attempt that may have reached Redis unanswered may have queued them
+                cause = exc.__cause__
+                if cause is not None:
+                    sends.note(cause)
+                if sends.lost is None:
+                    raise
+                where = describe_client(self.client)
+                lost = translate(cause or exc, where, "enqueue not confirmed", lost=sends.lost)
+                raise lost from cause or exc
 
     def claim(
         self,
