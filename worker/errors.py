@@ -9,6 +9,7 @@
     │   ├── StoreUnreachableError   cannot connect / timed out, after the bounded retries
     │   └── StoreFullError          Redis is out of memory (maxmemory, noeviction)
     ├── StoreOutcomeUnknownError    the write may have been accepted: retry HERE only -> exit 4
+    │   │                           (e.g. it was sent, but its answer was lost)
     │   └── StoreUnreplicatedError  fewer replicas than redis.min_replicas_ack had the write
     ├── Refusal, ItemRefusal        (worker.intake.input) a request, or one bulk item, refused
     ├── ClientGoneError             (worker.intake.input) the client left mid-body: no answer
@@ -46,7 +47,8 @@ class StoreError(ForwarderError):
 
 
 class StoreUnreachableError(StoreError):
-    """Redis could not be reached, or did not answer in time, after the bounded retries."""
+    """Redis could not be reached, or did not answer in time, after the bounded retries
+    (an enqueue sent whose answer was lost is a StoreOutcomeUnknownError instead)."""
 
 
 class StoreFullError(StoreError):
@@ -56,10 +58,12 @@ class StoreFullError(StoreError):
 
 class StoreOutcomeUnknownError(ForwarderError):
     """The call may have been accepted: Redis took the write, but not as the promise of
-    success requires. Not a :class:`StoreError` ("nothing was accepted"): the report may
-    still be delivered. Retrying through report-forwarder is safe (it deduplicates: the
-    retry answers ``duplicate`` if the first call was kept); sending the report elsewhere
-    is not (it could be reported twice)."""
+    success requires — or the write was sent and its answer lost (a read timeout with
+    Redis frozen or busy, a connection reset after the command was written), so Redis may
+    have run it. Not a :class:`StoreError` ("nothing was accepted"): the report may still
+    be delivered. Retrying through report-forwarder is safe (it deduplicates: the retry
+    answers ``duplicate`` if the first call was kept); sending the report elsewhere is not
+    (it could be reported twice)."""
 
 
 class StoreUnreplicatedError(StoreOutcomeUnknownError):
