@@ -27,19 +27,19 @@ from tests.key_echo import mangle
 from worker.cli import main
 from worker.delivery.celery_app import create_app, worker_options
 from worker.delivery.runtime import Runtime
-from worker.delivery.upstream import (
-    ACCOUNT_FAULT_CODES,
-    MAX_CODE_CHARS,
-    OTHER,
-    REJECTED_CODES,
-    TRANSIENT_CODES,
-)
+from worker.delivery.upstream import MAX_CODE_CHARS
 from worker.observability.metrics import Metrics
 from worker.observability.stats import snapshot
 from worker.producer import Producer
 from worker.settings import Settings
 from worker.store.deadletters import DeadLetters
 from worker.store.keys import Keys
+from worker.store.vocabulary import (
+    ACCOUNT_FAULT_CODES,
+    OTHER,
+    REJECTED_CODES,
+    TRANSIENT_CODES,
+)
 from worker.testing.sandbox import Rule, Sandbox
 
 from .conftest import CLIENT_KEY, all_redis_bytes, wait_until

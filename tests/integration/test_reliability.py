@@ -13,10 +13,11 @@ import structlog
 
 from worker.delivery import report as runtime  # the per-report steps call next_step
 from worker.delivery.retries import LAST_CHANCE_MARGIN_S, Step, next_step
-from worker.delivery.upstream import OTHER, Outcome
+from worker.delivery.upstream import Outcome
 from worker.settings import MIN_BACKOFF_S, Settings
 from worker.store.keys import Keys
 from worker.store.messages import list_key
+from worker.store.vocabulary import OTHER
 from worker.testing.sandbox import Rule, Sandbox
 
 from ..redis_bytes import stream_entries

@@ -21,12 +21,11 @@ from tests.key_echo import FLIPS, KEYS, PADS, WHERE, assert_key_absent, echoing_
 from worker.delivery.upstream import (
     MAX_CODE_CHARS,
     MAX_RETRY_AFTER_S,
-    OTHER,
     Outcome,
     classify,
     parse_retry_after,
 )
-from worker.store.vocabulary import known_code
+from worker.store.vocabulary import OTHER, known_code
 
 TASK_ID = 123456789
 

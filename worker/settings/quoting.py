@@ -28,11 +28,17 @@ def printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else json.dumps(ch)[1:-1] for ch in text)
 
 
+def _masked_query_part(part: str) -> str:
+    name, _, value = part.partition("=")
+    return f"{name}=****" if name and value else "****"
+
+
 def masked_url(url: str) -> str:
     """An API URL as logs, messages and check-config show it: a password in the address
     masked (``http://user:****@host``, the user kept, as Redis URLs are shown; a lone
-    userinfo, often a token, masked whole) and every query value masked (``?key=****``).
-    The same string when there is nothing to mask."""
+    userinfo, often a token, masked whole) and every query value masked (``?key=****``; a
+    part with no value, often a token itself, masked whole). The same string when there is
+    nothing to mask."""
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -43,9 +49,7 @@ def masked_url(url: str) -> str:
         user, colon, _password = credentials.partition(":")
         netloc = f"{user}:****@{host}" if colon else f"****@{host}"
     if query:
-        query = "&".join(
-            f"{part.partition('=')[0]}=****" if "=" in part else "****" for part in query.split("&")
-        )
+        query = "&".join(map(_masked_query_part, query.split("&")))
     if (netloc, query) == (parts.netloc, parts.query):
         return url
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
