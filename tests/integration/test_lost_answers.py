@@ -34,6 +34,7 @@ from worker.errors import (
     StoreError,
     StoreOutcomeUnknownError,
     StoreUnreachableError,
+    StoreUnreplicatedError,
 )
 from worker.intake import Intake
 from worker.producer import Producer
@@ -429,3 +430,90 @@ def test_a_read_only_call_whose_answer_is_lost_stays_store_unreachable(
         client.close()
     assert outcome.reached(caught.value)
     assert isinstance(store.translate(caught.value, redis_server.url), StoreUnreachableError)
+
+
+def waiting_in_wait(port: int) -> bool:
+    """Whether a client of Redis on ``port`` is blocked in WAIT (its enqueue ran)."""
+    client = redis.Redis(port=port)
+    try:
+        return any(
+            c.get("cmd") == "wait" and "b" in str(c.get("flags")) for c in client.client_list()
+        )
+    finally:
+        client.close()
+
+
+def test_a_rerun_refused_after_an_answered_enqueue_is_still_an_unknown_outcome(
+    env: dict[str, str], own_redis: RedisProcess
+) -> None:
+    """With min_replicas_ack unmet, the enqueue's first run was answered (the primary has
+    the report) and its re-run is then refused (Redis full: "nothing was written" of that
+    run): the producer says StoreUnreplicatedError, an unknown outcome, not the re-run's
+    StoreFullError — the report is queued and a retry here is a `duplicate`."""
+    settings = load_settings(
+        environ=env
+        | {
+            "REDIS_URL": own_redis.url,
+            "REPORT_FORWARDER_CONNECT_RETRY_S": "3",
+            "REPORT_FORWARDER_MIN_REPLICAS_ACK": "1",
+        }
+    )
+    producer = Producer(settings)
+    with pytest.raises(StoreUnreplicatedError):  # no replica; the script is loaded now
+        producer.enqueue(6, "image")
+    caught: list[BaseException] = []
+
+    def enqueue() -> None:
+        try:
+            producer.enqueue(7, "image")
+        except BaseException as exc:  # looked at below
+            caught.append(exc)
+
+    thread = threading.Thread(target=enqueue)
+    thread.start()
+    wait_until(lambda: waiting_in_wait(own_redis.port), timeout=20)  # the first run is in
+    admin = redis.Redis(port=own_redis.port)
+    admin.config_set("maxmemory", 1)  # every later write refused (noeviction)
+    thread.join(timeout=30)
+    admin.config_set("maxmemory", 0)
+    admin.close()
+    assert not thread.is_alive()
+    assert 1 == len(caught)
+    assert isinstance(caught[0], StoreOutcomeUnknownError), repr(caught[0])
+    assert not isinstance(caught[0], StoreError)
+    assert is_pending(own_redis.port, settings, 7)
+    producer.client.close()
+
+
+def test_the_intake_says_outcome_unknown_when_a_rerun_is_refused_after_an_answered_enqueue(
+    env: dict[str, str], own_redis: RedisProcess
+) -> None:
+    """The intake's enqueue under min_replicas_ack: its first run answered, its re-run
+    refused (Redis full), the answer is 503 ERROR_OUTCOME_UNKNOWN, not "unavailable" — the
+    report is queued."""
+    environ = env | {
+        "REDIS_URL": own_redis.url,
+        "REPORT_FORWARDER_CONNECT_RETRY_S": "3",
+        "REPORT_FORWARDER_MIN_REPLICAS_ACK": "1",
+    }
+    settings = load_settings(environ=environ)
+    answers: list[requests.Response] = []
+    with Server(Intake(settings, own_redis.url, environ=environ)) as server:
+        url = f"{server.url}/reportIncorrectImageCaptcha"
+
+        def post(task_id: int) -> requests.Response:
+            return requests.post(url, json={"clientKey": CLIENT_KEY, "taskId": task_id}, timeout=30)
+
+        assert 503 == post(6).status_code  # no replica; the script is loaded now
+        thread = threading.Thread(target=lambda: answers.append(post(7)))
+        thread.start()
+        wait_until(lambda: waiting_in_wait(own_redis.port), timeout=20)
+        admin = redis.Redis(port=own_redis.port)
+        admin.config_set("maxmemory", 1)
+        thread.join(timeout=30)
+        admin.config_set("maxmemory", 0)
+        admin.close()
+    assert 1 == len(answers)
+    assert 503 == answers[0].status_code
+    assert "ERROR_OUTCOME_UNKNOWN" == answers[0].json()["errorCode"], answers[0].text
+    assert is_pending(own_redis.port, settings, 7)

@@ -100,15 +100,12 @@ def test_with_min_replicas_ack_an_enqueue_without_a_replica_is_an_unknown_outcom
 
     replica = cluster.nodes[1]
     replica.stop()
-    began = time.monotonic()
     with pytest.raises(StoreUnreplicatedError, match=r"min_replicas_ack = 1") as caught:
         producer.enqueue(502, "image")
-    waited = time.monotonic() - began
     assert isinstance(caught.value, StoreOutcomeUnknownError)
     assert not isinstance(caught.value, StoreError)
     assert "0 of 1 replica" in str(caught.value)
     assert "retrying through report-forwarder is safe" in str(caught.value).lower()
-    assert waited >= 1.0  # it waited its bounded time (connect_retry_s) before answering
     cli = run_cli(environ, "enqueue", "503", "image")
     assert cli.returncode == 4, cli.stdout + cli.stderr
     assert "min_replicas_ack" in cli.stderr

@@ -25,7 +25,7 @@ from typing import Any
 import redis
 import redis.asyncio
 
-from worker.errors import StoreUnreplicatedError
+from worker.errors import ForwarderError, StoreUnreplicatedError
 from worker.settings import Settings
 from worker.store import calls
 from worker.store.connection import describe_client
@@ -173,7 +173,12 @@ async def enqueue_acked_async(
     while count < acks.replicas and time.monotonic() + delay < deadline:
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.5)
-        reply, count = await run_once_async(client, script, (), args, marker=marker, acks=acks)
+        try:
+            reply, again = await run_once_async(client, script, (), args, marker=marker, acks=acks)
+        except (redis.RedisError, OSError, TimeoutError, ForwarderError) as exc:
+            # the first run was answered: the primary has the write (it may be delivered)
+            raise shortfall(acks, count, "", "enqueue not confirmed") from exc
+        count = again
         flags = either(flags, parse(reply))
     if count < acks.replicas:
         raise shortfall(acks, count, "", "enqueue not confirmed")
@@ -214,14 +219,23 @@ class Waiter:
         """Run the enqueue until enough replicas have it, for ``acks.budget_s``;
         StoreUnreplicatedError (naming the Redis) after that."""
         attempt = self._attempt(script, args, ())
+        where = f" at {describe_client(self.client)}"
+        counts: list[int] = []  # of the runs Redis answered
 
         def flagged() -> tuple[list[int], int]:
-            reply, count = attempt()
+            try:
+                reply, count = attempt()
+            except ForwarderError as exc:
+                if not counts:
+                    raise
+                # an earlier run was answered: the primary has the write, whatever this
+                # run's failure says (unreachable now, it may still be delivered)
+                raise shortfall(self.acks, max(counts), where, "enqueue not confirmed") from exc
+            counts.append(count)
             return parse(reply), count
 
         flags, count = until_acked(flagged, self.acks, merge=either)
         if count < self.acks.replicas:
-            where = f" at {describe_client(self.client)}"
             raise shortfall(self.acks, count, where, "enqueue not confirmed")
         return list(flags)
 
