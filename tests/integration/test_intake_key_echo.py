@@ -24,8 +24,10 @@ from ..key_echo import FLIPS, KEYS, PADS, assert_key_absent, mangle
 from .intake_support import Server
 
 IMAGE = "/reportIncorrectImageCaptcha"
-# a key of digits only is a valid taskId (queued, not echoed): not the case tested here
-NAMED_KEYS = KEYS.filter(lambda key: not key.isdigit())
+# keys with a start no answer's own text has (the test looks for the key's first half:
+# hypothesis found "INVALI000000", whose half is in "INVALID"), so never digits only,
+# which would be a valid taskId (queued, not echoed): not the case tested here
+NAMED_KEYS = KEYS.map(lambda key: "Zq9" + key)
 WHERE = st.sampled_from(
     ["task_id", "path", "content_type", "bulk_task_id", "bulk_type", "bulk_account"]
 )
