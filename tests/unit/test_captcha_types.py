@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from worker.errors import ConfigError, ReportError
-from worker.settings import load_settings
+from worker.settings import builtin_providers, load_settings
 from worker.settings.captcha_types import CaptchaTypes
+
+TABLE = Path(__file__).resolve().parents[2] / "config" / "captcha-types.toml"
 
 IMAGE_NAMES = ("ImageToTextTask", "ComplexImageTask", "image")
 TOKEN_NAMES = (
@@ -68,6 +73,124 @@ def test_documented_names_resolve_to_their_kind(
 
     assert kind == resolved.kind
     assert name == resolved.name
+
+
+# The names other providers give their task types (config/captcha-types.toml), as
+# (name, family, kind). CapSolver: https://docs.capsolver.com/guide/api-support/ and its
+# task pages; 2Captcha (and RuCaptcha): the legacy in.php `method` values.
+CAPSOLVER_NAMES = (
+    ("ImageToTextTask", "image", "image"),
+    ("ReCaptchaV2Classification", "image", "image"),
+    ("AwsWafClassification", "image", "image"),
+    ("VisionEngine", "image", "image"),
+    ("ReCaptchaV2Task", "recaptcha", "token"),
+    ("ReCaptchaV2TaskProxyLess", "recaptcha", "token"),
+    ("ReCaptchaV2EnterpriseTask", "recaptcha", "token"),
+    ("ReCaptchaV2EnterpriseTaskProxyLess", "recaptcha", "token"),
+    ("ReCaptchaV3Task", "recaptcha", "token"),
+    ("ReCaptchaV3TaskProxyLess", "recaptcha", "token"),
+    ("ReCaptchaV3EnterpriseTask", "recaptcha", "token"),
+    ("ReCaptchaV3EnterpriseTaskProxyLess", "recaptcha", "token"),
+    ("AntiTurnstileTaskProxyLess", "turnstile", "token"),
+    ("AntiCloudflareTask", "cloudflare", "token"),
+    ("AntiAwsWafTask", "amazon", "token"),
+    ("AntiAwsWafTaskProxyLess", "amazon", "token"),
+    ("GeeTestTaskProxyLess", "geetest", "token"),
+    ("MtCaptchaTask", "mtcaptcha", "token"),
+    ("MtCaptchaTaskProxyLess", "mtcaptcha", "token"),
+    ("DataDomeSliderTask", "datadome", "token"),
+)
+TWOCAPTCHA_METHODS = (
+    ("base64", "image", "image"),
+    ("post", "image", "image"),
+    ("rotatecaptcha", "image", "image"),
+    ("textcaptcha", "text", "image"),  # a text question: its answer is read, not a token
+    ("userrecaptcha", "recaptcha", "token"),
+    ("hcaptcha", "hcaptcha", "token"),
+    ("turnstile", "turnstile", "token"),
+    ("geetest", "geetest", "token"),
+    ("geetest_v4", "geetest", "token"),
+    ("funcaptcha", "funcaptcha", "token"),
+    ("amazon_waf", "amazon", "token"),
+    ("mt_captcha", "mtcaptcha", "token"),
+    ("datadome", "datadome", "token"),
+    ("capy", "capy", "token"),
+    ("keycaptcha", "keycaptcha", "token"),
+    ("lemin", "lemin", "token"),
+    ("cybersiara", "cybersiara", "token"),
+    ("friendly_captcha", "friendlycaptcha", "token"),
+    ("yandex", "yandex", "token"),
+    ("cutcaptcha", "cutcaptcha", "token"),
+    ("atb_captcha", "atbcaptcha", "token"),
+)
+PROVIDER_NAMES = CAPSOLVER_NAMES + TWOCAPTCHA_METHODS
+
+
+def _table() -> dict[str, str]:
+    with TABLE.open("rb") as f:
+        types = tomllib.load(f)["types"]
+    assert isinstance(types, dict)
+    return types
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS.values(), ids=SPELLINGS.keys())
+@pytest.mark.parametrize(("name", "family", "kind"), PROVIDER_NAMES)
+def test_provider_task_names_resolve_to_their_family_and_kind(
+    types: CaptchaTypes, name: str, family: str, kind: str, spelling: Callable[[str], str]
+) -> None:
+    """Each of CapSolver's task types and 2Captcha's in.php methods resolves, in any casing,
+    to its family and kind."""
+    resolved = types.resolve(spelling(name))
+
+    assert (family, kind) == (resolved.family, resolved.kind)
+    assert name.lower() == resolved.name.lower()
+
+
+def test_no_name_is_listed_twice() -> None:
+    """The shipped table lists each name once, however cased: a name equal to another but for
+    case would be one entry in two places (and, with another family, a ConfigError)."""
+    by_lower: dict[str, list[str]] = {}
+    for name in _table():
+        by_lower.setdefault(name.lower(), []).append(name)
+
+    assert {} == {lower: names for lower, names in by_lower.items() if len(names) > 1}
+
+
+def test_every_listed_name_is_one_accepted_type(types: CaptchaTypes) -> None:
+    """Every name in the table is accepted under its own spelling and family, once."""
+    table = _table()
+
+    assert len(table) == len(types)
+    for name, family in table.items():
+        assert (name, family) == (types.resolve(name).name, types.resolve(name).family)
+
+
+@given(data=st.data())
+def test_any_casing_of_any_listed_name_resolves_to_its_family(
+    types: CaptchaTypes, data: st.DataObject
+) -> None:
+    """Any mix of upper and lower case in any listed name resolves to that name's family."""
+    name = data.draw(st.sampled_from(types.names), label="name")
+    upper = data.draw(st.lists(st.booleans(), min_size=len(name), max_size=len(name)))
+    spelled = "".join(c.upper() if u else c.lower() for c, u in zip(name, upper, strict=True))
+
+    resolved = types.resolve(spelled)
+    assert (name, types.resolve(name).family) == (resolved.name, resolved.family)
+
+
+@pytest.mark.parametrize(("name", "family", "kind"), PROVIDER_NAMES)
+def test_a_family_anticaptcha_cannot_map_stays_refused(
+    types: CaptchaTypes, name: str, family: str, kind: str
+) -> None:
+    """Anti-Captcha maps image, recaptcha and hcaptcha: a new name of another token family
+    has no endpoint there (refused at enqueue); CapMonster and 2Captcha map every name."""
+    ctype = types.resolve(name)
+    providers = builtin_providers()
+    mapped = kind == "image" or family in ("recaptcha", "hcaptcha")
+
+    assert mapped == (providers["anticaptcha"].path_for(ctype) is not None)
+    for other in ("capmonster", "twocaptcha", "rucaptcha"):
+        assert providers[other].path_for(ctype) is not None
 
 
 @pytest.mark.parametrize(
