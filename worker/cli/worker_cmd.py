@@ -16,7 +16,6 @@ import click
 from worker.cli.app import command_logging, current_state, main
 from worker.observability.logs import get_logger
 from worker.settings import MAX_CONCURRENCY
-from worker.settings.tls import trust_from
 from worker.store import connection as store
 
 if TYPE_CHECKING:
@@ -55,7 +54,11 @@ def worker(
     from worker.observability.metrics import Metrics
 
     settings = current_state().settings
-    trust_from(os.environ)  # a CA bundle the environment names but cannot be used: exit 2 now
+    from worker.delivery import upstream
+
+    # a CA bundle the environment names but cannot be used: exit 2 now; and read before
+    # the threads' first requests (loading a bundle holds them ~35 ms)
+    upstream.verify_trust()
     command_logging(settings, cache=True)
     logging.captureWarnings(True)  # Celery's warnings become log lines, not raw stderr
     # We keep running tasks through a broker reconnect on purpose (the ledger re-queues

@@ -46,6 +46,7 @@ import json
 import math
 import os
 import re
+import threading
 import time
 import urllib.parse
 from collections.abc import Mapping
@@ -118,7 +119,22 @@ class Client:
         self.proxy = proxy
         self.ca_certs = ca_certs
         self._trust = None if ca_certs is None else Trust(ca_certs, None, "ca_certs")
+        # read once: OpenSSL loads a named bundle to check it (~35 ms for the system
+        # store), and a worker's threads all make their first handle at the same moment
+        self._trust_lock = threading.Lock()
         self._idle: list[pycurl.Curl] = []  # list.append and .pop are atomic
+
+    def trust(self) -> Trust:
+        """The CA certificates TLS is verified against, read from the environment once
+        (ConfigError if what it names cannot be used). A worker reads it before it takes
+        reports (:func:`verify_trust`), not on its threads' first requests."""
+        trust = self._trust
+        if trust is None:
+            with self._trust_lock:
+                trust = self._trust
+                if trust is None:
+                    trust = self._trust = trust_from(os.environ)
+        return trust
 
     def post(
         self, url: str, body: bytes, *, connect_timeout_s: float, read_timeout_s: float
@@ -171,9 +187,7 @@ class Client:
         handle = pycurl.Curl()
         handle.setopt(pycurl.NOSIGNAL, 1)  # threads: no SIGALRM for name lookups
         handle.setopt(pycurl.POST, 1)
-        trust = self._trust
-        if trust is None:
-            trust = self._trust = trust_from(os.environ)
+        trust = self.trust()
         for option, value in (
             (pycurl.CAINFO, trust.cafile),
             (pycurl.PROXY_CAINFO, trust.cafile),
@@ -237,6 +251,12 @@ class ExchangeError(TransientUpstreamError):
 _client = Client()
 
 
+def verify_trust() -> Trust:
+    """The CA certificates the process's client verifies TLS against, read now: a
+    ConfigError if the environment names a bundle that cannot be used."""
+    return _client.trust()
+
+
 @functools.lru_cache(maxsize=256)
 def proxy_for(url: str) -> str | None:
     """The proxy for ``url`` from HTTP(S)_PROXY / ALL_PROXY / NO_PROXY (either letter
@@ -258,6 +278,7 @@ def _forget_connections() -> None:
     global _client  # noqa: PLW0603
     _forked.append(_client)
     _client = Client()
+    _client._trust = _forked[-1]._trust  # the same environment: read once is enough
     proxy_for.cache_clear()
 
 
