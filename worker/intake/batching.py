@@ -9,9 +9,10 @@ from typing import Any
 
 from worker.errors import ForwarderError, StoreOutcomeUnknownError
 from worker.store import outcome, replication
-from worker.store.connection import transient, translate
+from worker.store.connection import translate
 from worker.store.keys import Keys
 from worker.store.ledger import enqueue_args, parse_flags
+from worker.store.retrying import transient
 from worker.store.vocabulary import EnqueueRow
 
 ROUND_TRIP_TIMEOUT_S = 10.0

@@ -4,14 +4,13 @@ where a redis-py failure becomes the project's error.
 Two kinds of patience: a worker's client rides out a Redis restart that replays its AOF
 (connection errors and ``LOADING`` retried for about 30 s); a producer's or the command
 line's client (``retry_s``) retries for at most that long, so a caller hears within seconds
-that Redis is unreachable instead of hanging.
+that Redis is unreachable instead of hanging (the retry policies:
+:mod:`worker.store.retrying`).
 """
 
 from __future__ import annotations
 
 import re
-import time
-from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -33,101 +32,18 @@ from worker.errors import (
 )
 from worker.settings import Settings, mask_url
 from worker.settings.redis_url import SentinelTarget, is_sentinel, parse_sentinel
-from worker.store import embedded, outcome
+from worker.store import embedded
+from worker.store.retrying import (
+    RETRY_ON,
+    SHORT_CONNECT_TIMEOUT_S,
+    SHORT_READ_TIMEOUT_S,
+    WORKER_RETRIES,
+    BoundedRetry,
+    NotingAsyncRetry,
+    NotingRetry,
+)
 
 T = TypeVar("T")
-
-# Workers: retried for about 30 s in all, long enough for a Redis restart that replays its AOF.
-_RETRIES = 12
-_RETRY_ON = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
-# Producers and the command line (``retry_s``): one connect attempt gives up after this
-# long, one reply after SHORT_READ_TIMEOUT_S; no new attempt starts once ``retry_s`` has
-# passed, so the caller hears within retry_s + 4 s at worst (9 s with the default 5 s).
-SHORT_CONNECT_TIMEOUT_S = 3.0
-SHORT_READ_TIMEOUT_S = 4.0
-
-
-class _NotingRetry(Retry):
-    """redis-py's Retry that tells :mod:`worker.store.outcome` of every failed attempt
-    (an enqueue that fails later still knows an earlier attempt may have run)."""
-
-    def call_with_retry(
-        self,
-        do: Callable[[], T],
-        fail: Callable[..., Any],
-        is_retryable: Callable[[Exception], bool] | None = None,
-        with_failure_count: bool = False,
-    ) -> T:
-        def noted(error: Exception, *count: int) -> Any:
-            outcome.note(error)
-            return fail(error, *count)
-
-        return super().call_with_retry(do, noted, is_retryable, with_failure_count)
-
-
-class _NotingAsyncRetry(redis.asyncio.retry.Retry):
-    """:class:`_NotingRetry` for the asyncio client (redis-py's default policy)."""
-
-    async def call_with_retry(
-        self,
-        do: Callable[[], Any],
-        fail: Callable[..., Any],
-        is_retryable: Callable[[Exception], bool] | None = None,
-        with_failure_count: bool = False,
-    ) -> Any:
-        async def noted(error: Exception, *count: int) -> Any:
-            outcome.note(error)
-            return await fail(error, *count)
-
-        return await super().call_with_retry(do, noted, is_retryable, with_failure_count)
-
-
-class BoundedRetry(Retry):
-    """Retries connection loss and ``LOADING`` until ``budget_s`` has passed since the call
-    began (a time, not a count, so slow attempts cannot add up); never retries a refused
-    password, which no retry can fix. Every failed attempt is noted (worker.store.outcome)."""
-
-    def __init__(self, budget_s: float) -> None:
-        super().__init__(ExponentialBackoff(cap=1.0, base=0.05), -1, supported_errors=_RETRY_ON)
-        self.budget_s = budget_s
-
-    def call_with_retry(
-        self,
-        do: Callable[[], T],
-        fail: Callable[..., Any],
-        is_retryable: Callable[[Exception], bool] | None = None,
-        with_failure_count: bool = False,
-    ) -> T:
-        self._backoff.reset()  # type: ignore[no-untyped-call]  # redis-py 8: untyped
-        started = time.monotonic()
-        failures = 0
-        while True:
-            try:
-                return do()
-            except self._supported_errors as error:
-                outcome.note(error)
-                if isinstance(error, redis.AuthenticationError):
-                    raise
-                if is_retryable is not None and not is_retryable(error):
-                    raise
-                failures += 1
-                if with_failure_count:
-                    fail(error, failures)
-                else:
-                    fail(error)
-                delay = self._backoff.compute(failures)
-                if time.monotonic() - started + delay > self.budget_s:
-                    raise
-                time.sleep(delay)
-
-
-def transient(exc: BaseException) -> bool:
-    """Whether a failed call may succeed if made again soon: the connection was lost or
-    timed out, the server is loading its AOF, or a primary was turned into a replica (a
-    restart or a failover) — not a refusal such as bad credentials or out of memory."""
-    if isinstance(exc, redis.AuthenticationError):
-        return False
-    return isinstance(exc, (*_RETRY_ON, redis.exceptions.ReadOnlyError, ConnectionError))
 
 
 def resolve_url(settings: Settings) -> str:
@@ -239,7 +155,9 @@ def primary_address(url: str, timeout_s: float = 3.0) -> tuple[str, int]:
     return str(host), int(port)
 
 
-def connect(url: str, *, retries: int = _RETRIES, retry_s: float | None = None) -> redis.Redis:
+def connect(
+    url: str, *, retries: int = WORKER_RETRIES, retry_s: float | None = None
+) -> redis.Redis:
     """A client whose commands retry through connection loss and AOF loading: ``retries``
     times with backoff up to 4 s (a worker's patience, ~30 s), or, given ``retry_s``, for
     at most ``retry_s`` seconds with short socket timeouts (producers, the command line).
@@ -247,14 +165,14 @@ def connect(url: str, *, retries: int = _RETRIES, retry_s: float | None = None) 
     retry: Retry
     if retry_s is None:
         backoff = ExponentialBackoff(cap=4.0, base=0.05)
-        retry = _NotingRetry(backoff, retries, supported_errors=_RETRY_ON)
+        retry = NotingRetry(backoff, retries, supported_errors=RETRY_ON)
         connect_timeout, read_timeout = 5.0, 10.0
     else:
         retry = BoundedRetry(retry_s)
         connect_timeout, read_timeout = SHORT_CONNECT_TIMEOUT_S, SHORT_READ_TIMEOUT_S
     options: dict[str, Any] = {
         "retry": retry,
-        "retry_on_error": list(_RETRY_ON),
+        "retry_on_error": list(RETRY_ON),
         "socket_timeout": read_timeout,
         "socket_connect_timeout": connect_timeout,
         "health_check_interval": 30,
@@ -292,7 +210,7 @@ def connect_async(url: str, connect_timeout_s: float = 5.0) -> redis.asyncio.Red
     backoff = ExponentialWithJitterBackoff(
         base=defaults.DEFAULT_RETRY_BASE, cap=defaults.DEFAULT_RETRY_CAP
     )
-    retry = _NotingAsyncRetry(backoff, defaults.DEFAULT_RETRY_COUNT)
+    retry = NotingAsyncRetry(backoff, defaults.DEFAULT_RETRY_COUNT)
     if is_sentinel(url):
         target = parse_sentinel(url)
         sentinel: Any = redis.asyncio.sentinel.Sentinel(

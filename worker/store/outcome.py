@@ -67,7 +67,11 @@ def reached(exc: BaseException) -> bool:
     innermost = None  # the deepest frame of redis-py (or of our connection classes)
     for frame, _ in traceback.walk_tb(exc.__traceback__):
         module = str(frame.f_globals.get("__name__", ""))
-        if module.startswith("redis.") or module in ("redis", "worker.store.connection"):
+        if module.startswith("redis.") or module in (
+            "redis",
+            "worker.store.connection",
+            "worker.store.retrying",
+        ):
             if frame.f_code.co_name in CONNECT_PHASE:
                 return False
             innermost = frame.f_code.co_name
